@@ -1,0 +1,308 @@
+"""Tiny, offline, seeded stand-ins for FLUX.1-dev and a CLIP-like reward.
+
+Everything here is built from configs in memory: no file or network access beyond the
+CLIP BPE vocabulary that ships inside ``open_clip``. The components are the real diffusers,
+transformers and open_clip classes, so every code path of the library runs unchanged on them.
+Sizes are parameters: the defaults are for unit tests, larger values give FLUX-shaped models
+for CPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import torch
+
+__all__ = [
+    "FLUX_DEV_SCHEDULER_CONFIG",
+    "TinyFluxConfig",
+    "TinyCLIPConfig",
+    "clip_bpe_vocab_path",
+    "tiny_clip_tokenizer",
+    "tiny_t5_tokenizer",
+    "tiny_flux_components",
+    "tiny_flux_pipeline",
+    "tiny_open_clip_model",
+    "save_open_clip_local_dir",
+]
+
+# The scheduler_config.json of black-forest-labs/FLUX.1-dev.
+FLUX_DEV_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+# FLUX.1's VAE latent statistics (vae/config.json of FLUX.1-dev).
+FLUX_VAE_SCALING_FACTOR = 0.3611
+FLUX_VAE_SHIFT_FACTOR = 0.1159
+
+_CLIP_VOCAB_SIZE = 49408
+_CLIP_BOS_ID = 49406
+_CLIP_EOS_ID = 49407
+
+
+@dataclass
+class TinyFluxConfig:
+    """Sizes of the tiny FLUX-shaped pipeline. The defaults run a 32x32 generation in well under a second."""
+
+    num_layers: int = 1
+    num_single_layers: int = 1
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    axes_dims_rope: tuple[int, int, int] = (4, 4, 8)
+    # Width of the T5 encoder, which is the transformer's joint_attention_dim.
+    t5_dim: int = 32
+    t5_layers: int = 2
+    t5_heads: int = 4
+    # Width of the CLIP text encoder, which is the transformer's pooled_projection_dim.
+    clip_dim: int = 32
+    clip_layers: int = 2
+    clip_heads: int = 4
+    # FLUX's VAE has 16 latent channels; each block halves the resolution after the first.
+    vae_block_out_channels: tuple[int, ...] = (8, 16)
+    vae_norm_num_groups: int = 4
+    latent_channels: int = 16
+    scheduler_config: dict = field(default_factory=lambda: dict(FLUX_DEV_SCHEDULER_CONFIG))
+
+    def __post_init__(self):
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope={tuple(self.axes_dims_rope)} must sum to attention_head_dim={self.attention_head_dim}"
+            )
+
+
+@dataclass
+class TinyCLIPConfig:
+    """Sizes of the tiny open_clip model used as a CLIP-like reward."""
+
+    embed_dim: int = 32
+    image_size: int = 32
+    patch_size: int = 8
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_head_width: int = 16
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    context_length: int = 77
+
+    def open_clip_model_cfg(self) -> dict:
+        """The ``model_cfg`` dictionary in open_clip's own JSON schema."""
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {
+                "image_size": self.image_size,
+                "layers": self.vision_layers,
+                "width": self.vision_width,
+                "head_width": self.vision_head_width,
+                "patch_size": self.patch_size,
+            },
+            "text_cfg": {
+                "context_length": self.context_length,
+                "vocab_size": _CLIP_VOCAB_SIZE,
+                "width": self.text_width,
+                "heads": self.text_heads,
+                "layers": self.text_layers,
+            },
+        }
+
+
+def clip_bpe_vocab_path() -> str:
+    """Path of the CLIP BPE vocabulary file that ships inside open_clip."""
+    import open_clip
+
+    return os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    # The same construction as open_clip.tokenizer.SimpleTokenizer, so the ids agree with open_clip.
+    from open_clip.tokenizer import bytes_to_unicode
+
+    with gzip.open(clip_bpe_vocab_path(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def tiny_clip_tokenizer():
+    """A transformers ``CLIPTokenizer`` with the real CLIP BPE vocabulary (49,408 entries), built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+
+
+_T5_WORDS = (
+    "a an the of in on with and at to is photo picture image painting drawing art style "
+    "red green blue yellow white black orange purple pink brown gray dark bright light "
+    "circle square triangle cat dog man woman tree house car sky sun city portrait "
+    "natural lighting detail detailed real concept anime flat oil smooth grainy"
+).split()
+
+
+def tiny_t5_tokenizer():
+    """A small in-memory T5 (Unigram) tokenizer: special tokens, characters, and common words."""
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(f"\u2581{word}", -5.0) for word in _T5_WORDS]
+    characters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()"
+    pieces += [(c, -10.0) for c in characters]
+    pieces += [(f"\u2581{c}", -9.0) for c in characters]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _seeded(seed: int, build):
+    # Module constructors draw their initial weights from the global generator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def tiny_flux_components(seed: int = 0, config: TinyFluxConfig | None = None) -> dict:
+    """The keyword arguments of ``FluxPipeline(...)``: all modules built from configs, in eval mode."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    cfg = config or TinyFluxConfig()
+    t5_tokenizer = tiny_t5_tokenizer()
+
+    transformer = _seeded(
+        seed,
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * cfg.latent_channels,  # FLUX packs 2x2 latent patches into one token
+            num_layers=cfg.num_layers,
+            num_single_layers=cfg.num_single_layers,
+            attention_head_dim=cfg.attention_head_dim,
+            num_attention_heads=cfg.num_attention_heads,
+            joint_attention_dim=cfg.t5_dim,
+            pooled_projection_dim=cfg.clip_dim,
+            guidance_embeds=True,
+            axes_dims_rope=tuple(cfg.axes_dims_rope),
+        ),
+    )
+    text_encoder = _seeded(
+        seed + 1,
+        lambda: CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=_CLIP_VOCAB_SIZE,
+                hidden_size=cfg.clip_dim,
+                intermediate_size=4 * cfg.clip_dim,
+                num_hidden_layers=cfg.clip_layers,
+                num_attention_heads=cfg.clip_heads,
+                max_position_embeddings=77,
+                projection_dim=cfg.clip_dim,
+                bos_token_id=_CLIP_BOS_ID,
+                eos_token_id=_CLIP_EOS_ID,
+                pad_token_id=_CLIP_EOS_ID,
+                hidden_act="quick_gelu",
+            )
+        ),
+    )
+    text_encoder_2 = _seeded(
+        seed + 2,
+        lambda: T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=cfg.t5_dim,
+                d_ff=2 * cfg.t5_dim,
+                d_kv=cfg.t5_dim // cfg.t5_heads,
+                num_layers=cfg.t5_layers,
+                num_heads=cfg.t5_heads,
+                relative_attention_num_buckets=8,
+                dropout_rate=0.0,
+                feed_forward_proj="gated-gelu",
+                is_encoder_decoder=False,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        ),
+    )
+    num_blocks = len(cfg.vae_block_out_channels)
+    vae = _seeded(
+        seed + 3,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * num_blocks,
+            up_block_types=("UpDecoderBlock2D",) * num_blocks,
+            block_out_channels=tuple(cfg.vae_block_out_channels),
+            layers_per_block=1,
+            latent_channels=cfg.latent_channels,
+            norm_num_groups=cfg.vae_norm_num_groups,
+            sample_size=32,
+            scaling_factor=FLUX_VAE_SCALING_FACTOR,
+            shift_factor=FLUX_VAE_SHIFT_FACTOR,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+    )
+    for module in (transformer, text_encoder, text_encoder_2, vae):
+        module.eval()
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**cfg.scheduler_config),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_clip_tokenizer(),
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": t5_tokenizer,
+        "transformer": transformer,
+    }
+
+
+def tiny_flux_pipeline(seed: int = 0, config: TinyFluxConfig | None = None):
+    """A tiny ``FluxPipeline`` shaped like FLUX.1-dev (guidance-embedded, 16-channel latents packed 2x2).
+
+    Deterministic for a given ``seed``; image sizes must be multiples of 4 (VAE factor 2 times 2x2 packing)
+    with the default two-block VAE.
+    """
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(**tiny_flux_components(seed, config))
+
+
+def tiny_open_clip_model(seed: int = 0, config: TinyCLIPConfig | None = None):
+    """A randomly initialised open_clip ``CLIP`` model from a custom config, in eval mode.
+
+    Its text tower uses the standard CLIP BPE vocabulary, so ``open_clip.get_tokenizer("ViT-H-14")`` applies.
+    """
+    import open_clip
+
+    cfg = (config or TinyCLIPConfig()).open_clip_model_cfg()
+    model = _seeded(seed, lambda: open_clip.CLIP(**cfg))
+    return model.eval()
+
+
+def save_open_clip_local_dir(model, directory: str, config: TinyCLIPConfig | None = None) -> str:
+    """Save an open_clip model so that ``open_clip.create_model("local-dir:" + directory)`` loads it."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    cfg = config or TinyCLIPConfig()
+    model_cfg = cfg.open_clip_model_cfg()
+    preprocess_cfg = {
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+        "size": cfg.image_size,
+    }
+    with open(os.path.join(directory, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "tiny_config": asdict(cfg)}, f, indent=2)
+    state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state_dict, os.path.join(directory, "open_clip_model.safetensors"))
+    return directory
