@@ -7,5 +7,30 @@ Direct-Align + Semantic Relative Preference (SRPO, Shen et al. 2025) and TailorP
 __version__ = "0.1.0.dev0"
 
 from . import ops
+from .rewards import (
+    AestheticReward,
+    CallableReward,
+    CLIPReward,
+    HPSv2Reward,
+    PickScoreReward,
+    SemanticRelativeReward,
+    load_reward,
+)
+from .scheduling_direct_align import DirectAlignScheduler, DirectAlignSigmas
+from .trainers import SRPOConfig, SRPOTrainer
 
-__all__ = ["__version__", "ops"]
+__all__ = [
+    "AestheticReward",
+    "CLIPReward",
+    "CallableReward",
+    "DirectAlignScheduler",
+    "DirectAlignSigmas",
+    "HPSv2Reward",
+    "PickScoreReward",
+    "SRPOConfig",
+    "SRPOTrainer",
+    "SemanticRelativeReward",
+    "__version__",
+    "load_reward",
+    "ops",
+]

@@ -28,6 +28,12 @@ __all__ = [
     "tiny_flux_pipeline",
     "tiny_open_clip_model",
     "save_open_clip_local_dir",
+    "tiny_clip_reward",
+    "tiny_transformers_clip_model",
+    "save_transformers_clip_dir",
+    "save_hps_checkpoint",
+    "tiny_aesthetic_mlp",
+    "save_aesthetic_mlp",
 ]
 
 # The scheduler_config.json of black-forest-labs/FLUX.1-dev.
@@ -287,6 +293,15 @@ def tiny_open_clip_model(seed: int = 0, config: TinyCLIPConfig | None = None):
     return model.eval()
 
 
+def tiny_clip_reward(seed: int = 0, config: TinyCLIPConfig | None = None):
+    """A ``CLIPReward`` on :func:`tiny_open_clip_model` with open_clip's real CLIP tokenizer: the trainers' test reward."""
+    import open_clip
+
+    from diffusers_srpo.rewards import CLIPReward
+
+    return CLIPReward(tiny_open_clip_model(seed, config), open_clip.get_tokenizer("ViT-H-14"))
+
+
 def save_open_clip_local_dir(model, directory: str, config: TinyCLIPConfig | None = None) -> str:
     """Save an open_clip model so that ``open_clip.create_model("local-dir:" + directory)`` loads it."""
     from safetensors.torch import save_file
@@ -306,3 +321,73 @@ def save_open_clip_local_dir(model, directory: str, config: TinyCLIPConfig | Non
     state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state_dict, os.path.join(directory, "open_clip_model.safetensors"))
     return directory
+
+
+def tiny_transformers_clip_model(seed: int = 0, config: TinyCLIPConfig | None = None):
+    """A randomly initialised transformers ``CLIPModel`` with the sizes of ``config``, in eval mode.
+
+    The text tower uses the real CLIP vocabulary and special-token ids, so :func:`tiny_clip_tokenizer`
+    applies; it stands in for PickScore (a CLIP-H) and transformers CLIP checkpoints.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = config or TinyCLIPConfig()
+    clip_config = CLIPConfig(
+        text_config={
+            "vocab_size": _CLIP_VOCAB_SIZE,
+            "hidden_size": cfg.text_width,
+            "intermediate_size": 4 * cfg.text_width,
+            "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.text_heads,
+            "max_position_embeddings": cfg.context_length,
+            "bos_token_id": _CLIP_BOS_ID,
+            "eos_token_id": _CLIP_EOS_ID,
+            "pad_token_id": _CLIP_EOS_ID,
+        },
+        vision_config={
+            "hidden_size": cfg.vision_width,
+            "intermediate_size": 4 * cfg.vision_width,
+            "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": cfg.vision_width // cfg.vision_head_width,
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+        },
+        projection_dim=cfg.embed_dim,
+    )
+    model = _seeded(seed, lambda: CLIPModel(clip_config))
+    return model.eval()
+
+
+def save_transformers_clip_dir(model, directory: str, tokenizer=None) -> str:
+    """Save a transformers CLIP as a hub checkpoint folder is laid out (``save_pretrained``).
+
+    With ``tokenizer=None`` the folder has no tokenizer files, as PickScore_v1's hub repo.
+    """
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_hps_checkpoint(model, path: str, key_prefix: str = "") -> str:
+    """Save an open_clip model in HPSv2's checkpoint format: ``torch.save({"state_dict": ...})``.
+
+    HPSv2 loads its files with ``model.load_state_dict(torch.load(path)["state_dict"])``; ``key_prefix``
+    ``"module."`` imitates a checkpoint saved from a DistributedDataParallel wrapper.
+    """
+    state_dict = {key_prefix + k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state_dict}, path)
+    return path
+
+
+def tiny_aesthetic_mlp(seed: int = 0, input_dim: int = 32):
+    """The LAION aesthetic predictor head with a small input width, seeded, in eval mode."""
+    from diffusers_srpo.rewards import AestheticMLP
+
+    return _seeded(seed, lambda: AestheticMLP(input_dim=input_dim)).eval()
+
+
+def save_aesthetic_mlp(mlp, path: str) -> str:
+    """Save the aesthetic head as LAION's ``sac+logos+ava1-l14-linearMSE.pth`` is: ``torch.save(state_dict)``."""
+    torch.save({k: v.detach().clone() for k, v in mlp.state_dict().items()}, path)
+    return path

@@ -70,3 +70,25 @@ def test_kernels_subpackage_is_not_top_level(tmp_path):
     origin = result.stdout.strip()
     ours = os.path.dirname(diffusers_srpo.kernels.__file__)
     assert origin == "None" or os.path.dirname(origin) != ours, origin
+
+
+def test_regular_install_ships_kernels_inside_the_package(tmp_path):
+    """A non-editable install (a built wheel) carries kernels/ as diffusers_srpo.kernels and imports from there."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", root, "-w", str(tmp_path / "wheel")],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "wheel").glob("diffusers_srpo-*.whl")
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=300)
+    assert not (target / "kernels").exists(), "the wheel installs a top-level `kernels` package"
+    probe = "import diffusers_srpo.kernels as k, diffusers_srpo.kernels.flow; print(k.__file__)"
+    env = dict(os.environ, PYTHONPATH=str(target))
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True, timeout=300
+    )
+    assert result.stdout.strip().startswith(str(target / "diffusers_srpo" / "kernels")), result.stdout

@@ -1,0 +1,154 @@
+"""SRPO: Direct-Align with Semantic Relative Preference (Shen et al. 2025; ../SPEC.md sections 1-2)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import BaseTrainer, StepOutput
+from .config import SRPOConfig
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Independent random streams of one update (see BaseTrainer.generator).
+_NOISE_STREAM, _SIGMA_STREAM = 1, 2
+
+
+class SRPOTrainer(BaseTrainer):
+    """Fine-tune a FLUX pipeline with SRPO; ``train()`` writes a LoRA that ``pipe.load_lora_weights`` reads.
+
+    ``reward`` is a CLIP-like reward (``HPSv2Reward``, ``PickScoreReward``, ``CLIPReward``), wrapped in
+    ``SemanticRelativeReward`` with the config's control words, or an already built
+    ``SemanticRelativeReward``. ``prompts`` is a list, a .txt or a .jsonl path.
+    """
+
+    config_class = SRPOConfig
+    method_name = "srpo"
+
+    def __init__(self, pipe, reward=None, prompts=None, config: SRPOConfig | None = None):
+        super().__init__(pipe, reward=reward, prompts=prompts, config=config)
+        self.image_paths: list[str] | None = None
+        if self.config.x0_source == "dataset":
+            self.image_paths, self.prompts = _image_folder(self.config.image_folder, self.prompts)
+
+    # ----------------------------------------------------------------------------------- method hooks
+    def prepare_reward(self, reward):
+        from ..rewards import CLIPLikeReward, SemanticRelativeReward
+
+        if reward is None:
+            raise ValueError("SRPOTrainer needs a reward: pass reward=HPSv2Reward.from_pretrained(path) or another CLIP-like reward")
+        if isinstance(reward, SemanticRelativeReward):
+            srp = reward
+        elif isinstance(reward, CLIPLikeReward):
+            srp = SemanticRelativeReward(
+                reward, self.config.positive_words, self.config.negative_words, word_schedule=self.config.word_schedule
+            )
+        else:
+            raise TypeError(
+                "SRPO scores images against control words, so it needs a CLIP-like reward "
+                f"(HPSv2Reward, PickScoreReward, CLIPReward or a CLIPLikeReward subclass), got {type(reward).__name__}"
+            )
+        self.reward = srp
+        self.check_reward_differentiable(lambda images, prompts: srp(images, prompts))
+        return srp
+
+    def scheduler_overrides(self) -> dict:
+        return {
+            **super().scheduler_overrides(),
+            "train_window_start": self.config.train_window_start,
+            "train_window_end": self.config.train_window_end,
+        }
+
+    def model_card_details(self) -> dict[str, str]:
+        srp = self.reward
+        return {
+            "reward": type(srp.base).__name__,
+            "positive control words": ", ".join(srp.positive_words),
+            "negative control words": ", ".join(srp.negative_words),
+            "training window": f"[{self.config.train_window_start}, {self.config.train_window_end}] of 50",
+            "inversion branch": "on" if self.config.use_inversion else "off",
+        }
+
+    # ----------------------------------------------------------------------------------- one update
+    def clean_latents(self, noise, text, indices: list[int]) -> torch.Tensor:
+        """x0 of the update: the current model's rollout from ``noise``, or the VAE encoding of dataset images."""
+        if self.image_paths is None:
+            return self.sample_latents(noise, text, self.rollout_sigmas, self.config.rollout_guidance)
+        images = torch.stack([_load_image(self.image_paths[i], self.config.resolution) for i in indices])
+        return self.adapter.encode_images(images).to(noise.dtype)
+
+    def training_step(self, step: int) -> StepOutput:
+        config, accelerator, scheduler = self.config, self.accelerator, self.scheduler
+        device, size = accelerator.device, config.resolution
+        indices = self.indices_for_step(step)
+        prompts = [self.prompts[i] for i in indices]
+        text = self.text_for(prompts)
+        # The noise prior is the same on every process for an update; prompts and timesteps differ.
+        noise = self.adapter.make_noise(
+            len(prompts), size, size, self.generator(step, _NOISE_STREAM, per_process=False), device, self.weight_dtype
+        )
+        x0 = self.clean_latents(noise, text, indices)
+        sigmas = scheduler.sample_training_sigmas(
+            len(prompts), generator=self.generator(step, _SIGMA_STREAM, per_process=True)
+        ).to(device)
+
+        branches = [("denoise", sigmas.sigma_hi, sigmas.sigma_mid, sigmas.denoise_discount, False)]
+        if config.use_inversion:
+            branches.append(("invert", sigmas.sigma_lo, sigmas.sigma_invert_to, sigmas.invert_discount, True))
+        logs: dict[str, float] = {}
+
+        def branch_loss(name, sigma_from, sigma_to, discount, swap):
+            def compute() -> torch.Tensor:
+                with accelerator.autocast():
+                    noisy = scheduler.add_noise_prior(x0, noise, sigma_from)
+                    timestep = scheduler.training_timestep(sigma_from)
+                    velocity = self.adapter.predict_velocity(
+                        self.model, noisy, timestep, text, config.train_guidance, size, size
+                    )
+                    # Recovery divides by (1 - sigma_to): do it in fp32, not in the weight dtype. The recovered
+                    # x0 is written in the VAE's input layout in the same pass (one fused kernel on CUDA).
+                    vae_input = self.adapter.recover_vae_input(
+                        velocity.float(), noisy.float(), sigma_from, sigma_to, noise.float(), size, size
+                    )
+                    images = self.adapter.decode_vae_input(vae_input)
+                    scores = self.reward(images, prompts, k=discount, swap=swap, step=step)
+                loss = torch.relu(config.hinge_threshold - scores).mean()
+                logs[f"reward_{name}"] = scores.detach().mean().item()
+                if name == "denoise":
+                    logs["reward"] = logs["reward_denoise"]
+                return loss
+
+            return compute
+
+        losses = [branch_loss(*branch) for branch in branches]
+        return StepOutput(losses=losses, logs=logs)
+
+
+def _image_folder(folder: str, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """Images of ``folder`` and their captions (``IMAGE.txt`` beside each, else the prompts in turn)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image_folder {folder!r} does not exist")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(_IMAGE_SUFFIXES))
+    if not paths:
+        raise ValueError(f"image_folder {folder!r} holds no image ({', '.join(_IMAGE_SUFFIXES)})")
+    captions = []
+    for i, path in enumerate(paths):
+        sidecar = os.path.splitext(path)[0] + ".txt"
+        if os.path.isfile(sidecar):
+            with open(sidecar, encoding="utf-8") as f:
+                captions.append(f.read().strip() or prompts[i % len(prompts)])
+        else:
+            captions.append(prompts[i % len(prompts)])
+    return paths, captions
+
+
+def _load_image(path: str, size: int) -> torch.Tensor:
+    """An RGB image as ``[3, size, size]`` in [0, 1]: shorter side resized to ``size``, centre crop."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(path) as image:
+        tensor = F.pil_to_tensor(image.convert("RGB"))
+    tensor = F.resize(tensor, size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+    return F.center_crop(tensor, [size, size]).float().div(255).clamp(0, 1)
