@@ -3,6 +3,7 @@ from setuptools import find_packages, setup
 # Lowest versions tested against (see README); torch is capped by the build machines at 2.14.1.
 install_requires = [
     "torch>=2.11",
+    "torchvision>=0.26",  # differentiable resize and crop of the rewards, image grids
     "diffusers>=0.42.1",
     "transformers>=5.0",
     "peft>=0.17",
@@ -12,10 +13,12 @@ install_requires = [
     "triton>=3.6; platform_system == 'Linux'",
     "numpy",
     "Pillow",
+    "PyYAML",  # YAML config files of `diffusers-srpo train`
+    "matplotlib",  # the demo's reward-curve plot
 ]
 
 extras_require = {
-    "test": ["pytest>=8", "ruff>=0.6", "sentencepiece", "PyYAML"],
+    "test": ["pytest>=8", "ruff>=0.6", "sentencepiece"],
     # Memory-efficient attention; its kernels are CUDA-only.
     "xformers": ["xformers"],
 }

@@ -1,54 +1,504 @@
-"""The ``diffusers-srpo`` command line."""
+"""The ``diffusers-srpo`` command line: ``train``, ``sample``, ``demo`` and ``extract-lora``.
+
+Every option comes from a dataclass field (``SRPOConfig`` for training), so the help text of a field is
+its ``--help`` line. Bad command lines stop with one ``diffusers-srpo <command>: error: ...`` line and a
+non-zero exit before anything is loaded or written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import re
 import sys
+import time
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from .trainers import SRPOConfig
+
+PROG = "diffusers-srpo"
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+class UsageError(Exception):
+    """A command line or config that cannot run: reported as one line, exit status 2, nothing loaded or written."""
+
+
+class SetupError(Exception):
+    """A model, reward or trainer that fails to load or to check out: reported as one line, exit status 1."""
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message: str):
+        """One line instead of argparse's usage block: the message and where help is."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class TrainArguments:
+    """What ``train`` needs beside ``SRPOConfig``: the model, the reward and the config file."""
+
+    config: str | None = field(
+        default=None,
+        metadata=_help("YAML or JSON file of settings (any option below, by its name); options on the command line win."),
+    )
+    model: str = field(
+        default="black-forest-labs/FLUX.1-dev", metadata=_help("FluxPipeline to align: a hub id or a local folder.")
+    )
+    reward: str = field(
+        default="hpsv2:v2.1",
+        metadata=_help(
+            "Reward as NAME[:SOURCE]: hpsv2[:checkpoint.pt|v2.1|v2.0], pickscore[:folder_or_id], clip:name_or_path."
+        ),
+    )
+    torch_dtype: str = field(
+        default="bfloat16", metadata=_help(f"Weight dtype of the frozen modules: {', '.join(DTYPE_NAMES)}.")
+    )
+
+
+@dataclass
+class SampleArguments:
+    model: str = field(
+        default="black-forest-labs/FLUX.1-dev", metadata=_help("FluxPipeline to sample: a hub id or a local folder.")
+    )
+    prompt: list[str] | None = field(default=None, metadata=_help("One or more prompts."))
+    prompt_file: str | None = field(default=None, metadata=_help("Prompts from a .txt (one a line) or .jsonl file."))
+    lora: list[str] | None = field(
+        default=None,
+        metadata=_help("LoRA folders (or hub ids) to load, each optionally as PATH:SCALE (scale 1.0 by default)."),
+    )
+    output_dir: str = field(default="samples", metadata=_help("Folder for the PNGs and grid.png."))
+    num_inference_steps: int = field(default=28, metadata=_help("Sampling steps."))
+    guidance_scale: float = field(default=3.5, metadata=_help("FLUX distilled guidance."))
+    height: int = field(default=1024, metadata=_help("Image height in pixels."))
+    width: int = field(default=1024, metadata=_help("Image width in pixels."))
+    num_images_per_prompt: int = field(default=1, metadata=_help("Images per prompt."))
+    seed: int = field(default=0, metadata=_help("Seed of the noise (the same for every LoRA choice)."))
+    max_sequence_length: int = field(default=512, metadata=_help("Token length of the T5 prompt encoding."))
+    torch_dtype: str = field(default="bfloat16", metadata=_help(f"Weight dtype: {', '.join(DTYPE_NAMES)}."))
+    device: str | None = field(default=None, metadata=_help("Device; default cuda when available, else cpu."))
+
+
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="srpo-demo", metadata=_help("Folder for the LoRA, the grids, the plot and metrics."))
+    max_train_steps: int = field(default=40, metadata=_help("SRPO updates."))
+    resolution: int = field(default=32, metadata=_help("Image height and width of the tiny world; a multiple of 4."))
+    learning_rate: float = field(default=1e-2, metadata=_help("AdamW learning rate of the LoRA."))
+    seed: int = field(default=0, metadata=_help("Seed of the tiny models, the training and the evaluation noise."))
+    overwrite_output_dir: bool = field(default=False, metadata=_help("Write over an output_dir that holds files."))
+
+
+@dataclass
+class ExtractLoraArguments:
+    base: str = field(
+        default="black-forest-labs/FLUX.1-dev",
+        metadata=_help("The base model: a FluxPipeline folder or hub id, or a transformer folder."),
+    )
+    tuned: str | None = field(
+        default=None,
+        metadata=_help("The fine-tuned transformer: one .safetensors file, or a (pipeline or transformer) folder."),
+    )
+    rank: int = field(default=64, metadata=_help("Rank of the extracted LoRA."))
+    output_dir: str = field(default="extracted-lora", metadata=_help("Folder for the LoRA and its error report."))
+    device: str | None = field(default=None, metadata=_help("Device of the SVDs; default cuda when available."))
+
+
+# ----------------------------------------------------------------------------------------------- shared checks
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"--torch_dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def _default_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _config_file_values(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The settings of a YAML or JSON file, typed as the options they stand for; unknown names are errors."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist (expected a .yaml, .yml or .json file)")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        elif path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            raise UsageError(f"config file {path!r} must end in .yaml, .yml or .json")
+    except (ValueError, ImportError) as error:  # JSON and YAML syntax errors are ValueErrors
+        raise UsageError(f"config file {path!r} cannot be read: {str(error).splitlines()[0]}") from None
+    values = values or {}
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path!r} must hold a mapping of option names to values")
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions) | ({"config"} & set(values)))
+    if unknown:
+        raise UsageError(f"config file {path!r} has unknown settings: {', '.join(unknown)}")
+    typed = {}
+    for name, value in values.items():
+        convert = actions[name].type
+        # YAML reads 1e-4 as a string; the option's own type gives it the meaning the command line would.
+        if isinstance(value, str) and convert not in (None, str):
+            try:
+                value = convert(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"config file {path!r}: {name} = {value!r} is not a valid value") from None
+        typed[name] = value
+    return typed
+
+
+def _dataclass_from(namespace: argparse.Namespace, cls):
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+
+# ----------------------------------------------------------------------------------------------- train
+def _train(args: argparse.Namespace) -> int:
+    from diffusers import FluxPipeline
+
+    from .prompts import load_prompts
+    from .rewards import load_reward
+    from .trainers import SRPOTrainer
+    from .trainers.base import check_output_dir
+
+    run = _dataclass_from(args, TrainArguments)
+    try:
+        config = _dataclass_from(args, SRPOConfig)
+        dtype = _torch_dtype(run.torch_dtype)
+        if config.prompt_file is None:
+            raise UsageError("no training prompts: pass --prompt_file (a .txt or .jsonl file)")
+        load_prompts(config.prompt_file)
+        check_output_dir(
+            config.output_dir,
+            allow_existing=bool(config.resume_from_checkpoint or config.overwrite_output_dir),
+            remedy="pass --resume_from_checkpoint latest, --overwrite_output_dir, or choose another --output_dir",
+        )
+    except (TypeError, ValueError, OSError) as error:
+        raise UsageError(str(error)) from None
+
+    try:
+        pipe = FluxPipeline.from_pretrained(run.model, torch_dtype=dtype)
+        trainer = SRPOTrainer(pipe, reward=load_reward(run.reward), config=config)
+    except (TypeError, ValueError, OSError) as error:
+        raise SetupError(str(error)) from None
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(f"wrote the LoRA, its model card and the config to {os.path.abspath(config.output_dir)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- sample
+def _parse_lora(spec: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:SCALE``."""
+    path, separator, scale = spec.rpartition(":")
+    if separator and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", scale):
+        return path, float(scale)
+    return spec, 1.0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.utils import make_image_grid
+
+    from .prompts import load_prompts
+    from .rewards.checkpoints import looks_like_hub_id
+
+    options = _dataclass_from(args, SampleArguments)
+    if not options.prompt and not options.prompt_file:
+        raise UsageError("no prompt: pass --prompt TEXT [TEXT ...] or --prompt_file FILE")
+    try:
+        prompts = load_prompts(list(options.prompt or []) + (load_prompts(options.prompt_file) if options.prompt_file else []))
+    except (ValueError, OSError) as error:
+        raise UsageError(str(error)) from None
+    for name in ("num_inference_steps", "height", "width", "num_images_per_prompt", "max_sequence_length"):
+        if getattr(options, name) <= 0:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(options, name)}")
+    loras = [_parse_lora(spec) for spec in options.lora or []]
+    for path, _ in loras:
+        if not os.path.exists(path) and not looks_like_hub_id(path):
+            raise UsageError(f"LoRA {path!r} is neither a local folder or file nor a hub id 'owner/name'")
+    dtype = _torch_dtype(options.torch_dtype)
+
+    pipe = FluxPipeline.from_pretrained(options.model, torch_dtype=dtype).to(_default_device(options.device))
+    names = []
+    for index, (path, _) in enumerate(loras):
+        name = f"lora{index}"
+        pipe.load_lora_weights(path, adapter_name=name)
+        loaded = {adapter for adapters in pipe.get_list_adapters().values() for adapter in adapters}
+        # diffusers only warns when a LoRA matches no module: a silent no-op is worse than an error here.
+        if name not in loaded:
+            raise UsageError(f"LoRA {path!r} matched no module of {options.model!r}")
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+
+    os.makedirs(options.output_dir, exist_ok=True)
+    images = pipe(
+        prompts,
+        height=options.height,
+        width=options.width,
+        num_inference_steps=options.num_inference_steps,
+        guidance_scale=options.guidance_scale,
+        num_images_per_prompt=options.num_images_per_prompt,
+        max_sequence_length=options.max_sequence_length,
+        generator=torch.Generator().manual_seed(options.seed),
+    ).images
+    for index, image in enumerate(images):
+        prompt = prompts[index // options.num_images_per_prompt]
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+        image.save(os.path.join(options.output_dir, f"{index:03d}-{slug}.png"))
+    grid = os.path.join(options.output_dir, "grid.png")
+    make_image_grid(images, rows=len(prompts), cols=options.num_images_per_prompt).save(grid)
+    print(f"wrote {len(images)} images and {grid}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- demo
+DEMO_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
 
 
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .testing import tiny_flux_pipeline
+    from .rewards import SemanticRelativeReward
+    from .testing import tiny_clip_reward, tiny_flux_pipeline
+    from .trainers import SRPOTrainer
+    from .trainers.base import check_output_dir
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    pipe = tiny_flux_pipeline(seed=args.seed)
-    image = pipe(
-        args.prompt,
-        height=args.resolution,
-        width=args.resolution,
-        num_inference_steps=args.steps,
-        guidance_scale=3.5,
-        generator=torch.Generator().manual_seed(args.seed),
-    ).images[0]
-    path = os.path.join(args.output_dir, "sample.png")
-    image.save(path)
-    print(f"wrote {path}")
+    options = _dataclass_from(args, DemoArguments)
+    if options.resolution <= 0 or options.resolution % 4:
+        raise UsageError(f"--resolution must be a positive multiple of 4, got {options.resolution}")
+    try:
+        config = SRPOConfig(
+            output_dir=options.output_dir,
+            overwrite_output_dir=options.overwrite_output_dir,
+            seed=options.seed,
+            max_train_steps=options.max_train_steps,
+            learning_rate=options.learning_rate,
+            max_grad_norm=1.0,
+            resolution=options.resolution,
+            rollout_steps=4,
+            max_sequence_length=16,
+            mixed_precision="no",
+            cpu=True,
+            lora_rank=4,
+            lora_alpha=4.0,
+            checkpointing_steps=0,
+            validation_steps=0,
+        )
+        check_output_dir(
+            options.output_dir,
+            allow_existing=options.overwrite_output_dir,
+            remedy="pass --overwrite_output_dir or choose another --output_dir",
+        )
+    except (ValueError, OSError) as error:
+        raise UsageError(str(error)) from None
+
+    started = time.perf_counter()
+    reward = tiny_clip_reward(seed=options.seed)
+    trainer = SRPOTrainer(tiny_flux_pipeline(seed=options.seed), reward=reward, prompts=list(DEMO_PROMPTS), config=config)
+    # The evaluation score: SRP with the first control words and k = 0, on fixed noises, before and after.
+    evaluation = SemanticRelativeReward(reward, word_schedule="fixed")
+    evaluation_seeds = [options.seed + 1000 + i for i in range(4)]
+
+    @torch.no_grad()
+    def evaluate():
+        batches = [trainer.generate_images(list(DEMO_PROMPTS), seed) for seed in evaluation_seeds]
+        scores = [evaluation(images, list(DEMO_PROMPTS)).mean().item() for images in batches]
+        return sum(scores) / len(scores), batches[0]
+
+    reward_before, images_before = evaluate()
+    history = trainer.train()
+    reward_after, images_after = evaluate()
+
+    out = options.output_dir
+    grid_path = os.path.join(out, "before_after.png")
+    _save_before_after(images_before, images_after, grid_path)
+    plot_path = os.path.join(out, "reward_curve.png")
+    _plot_rewards(history, reward_before, reward_after, plot_path)
+    metrics = {
+        "prompts": list(DEMO_PROMPTS),
+        "max_train_steps": options.max_train_steps,
+        "evaluation_srp_before": reward_before,
+        "evaluation_srp_after": reward_after,
+        "evaluation_srp_gain": reward_after - reward_before,
+        "history": history,
+        "seconds": time.perf_counter() - started,
+    }
+    metrics_path = os.path.join(out, "metrics.json")
+    with open(metrics_path, "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(
+        f"SRPO on the tiny offline world: evaluation SRP reward {reward_before:.5f} -> {reward_after:.5f} "
+        f"in {options.max_train_steps} updates ({metrics['seconds']:.0f} s)"
+    )
+    print(f"wrote the LoRA to {out}, {grid_path}, {plot_path} and {metrics_path}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusers-srpo", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo", help="Run the embedded offline example on a tiny FLUX-shaped pipeline (no weights needed)."
-    )
-    demo.add_argument("--output-dir", default="srpo-demo", help="Folder for the outputs.")
-    demo.add_argument("--prompt", default="a red circle", help="Prompt to generate.")
-    demo.add_argument("--resolution", type=int, default=64, help="Image height and width; a multiple of 4.")
-    demo.add_argument("--steps", type=int, default=4, help="Number of sampling steps.")
-    demo.add_argument("--seed", type=int, default=0, help="Seed of the tiny model and of the noise.")
-    demo.set_defaults(handler=_demo)
-    return parser
+def _save_before_after(before, after, path: str) -> None:
+    import torch
+    from torchvision.utils import save_image
+
+    # Top row before training, bottom row after, one column per prompt; upscaled so the tiny images are visible.
+    grid = torch.cat([before, after]).float().cpu()
+    grid = torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest")
+    save_image(grid, path, nrow=before.shape[0], padding=4, pad_value=1.0)
+
+
+def _plot_rewards(history: list[dict], reward_before: float, reward_after: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = list(range(1, len(history) + 1))
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    branches = [("reward_denoise", "training SRP, denoise branch", "tab:blue")]
+    if history and "reward_invert" in history[0]:
+        branches.append(("reward_invert", "training SRP, inversion branch (swapped words)", "tab:orange"))
+    for key, label, color in branches:
+        values = [h[key] for h in history]
+        # Each update draws its own sigma and control words: the running mean shows the trend.
+        running = [sum(values[max(0, i - 7) : i + 1]) / len(values[max(0, i - 7) : i + 1]) for i in range(len(values))]
+        axis.plot(steps, values, color=color, alpha=0.3)
+        axis.plot(steps, running, color=color, label=f"{label} (running mean of 8)")
+    axis.axhline(reward_before, color="grey", linestyle=":", label=f"evaluation before {reward_before:.4f}")
+    axis.axhline(reward_after, color="black", linestyle="--", label=f"evaluation after {reward_after:.4f}")
+    axis.set_xlabel("update")
+    axis.set_ylabel("SRP reward")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- extract-lora
+def _extract_lora(args: argparse.Namespace) -> int:
+    from diffusers import FluxTransformer2DModel
+
+    from . import lora
+    from .trainers.base import check_output_dir
+
+    options = _dataclass_from(args, ExtractLoraArguments)
+    if options.tuned is None:
+        raise UsageError("--tuned is required: the fine-tuned transformer (a .safetensors file or a folder)")
+    if not os.path.exists(options.tuned):
+        raise UsageError(f"--tuned {options.tuned!r} does not exist")
+    if options.rank <= 0:
+        raise UsageError(f"--rank must be a positive integer, got {options.rank}")
+    try:
+        check_output_dir(options.output_dir, allow_existing=False, remedy="choose another --output_dir")
+    except OSError as error:
+        raise UsageError(str(error)) from None
+
+    try:
+        tuned = lora.load_transformer_state_dict(options.tuned)
+        # The base is compared in the tuned weights' dtype: rounding one side only would add full-rank noise.
+        dtype = next(v.dtype for v in tuned.values() if v.is_floating_point())
+        is_pipeline = os.path.isfile(os.path.join(options.base, "model_index.json")) or not os.path.isdir(options.base)
+        base = FluxTransformer2DModel.from_pretrained(
+            options.base, subfolder="transformer" if is_pipeline else None, torch_dtype=dtype
+        )
+        extraction = lora.extract_lora(base, tuned, options.rank, device=_default_device(options.device))
+    except (TypeError, ValueError, OSError) as error:
+        raise SetupError(str(error)) from None
+    weights = lora.save_lora(options.output_dir, extraction)
+
+    report = {
+        "base": options.base,
+        "tuned": options.tuned,
+        "rank": options.rank,
+        "layers": {name: dataclasses.asdict(layer) for name, layer in extraction.layers.items()},
+        "unchanged_layers": extraction.unchanged_layers,
+        "uncaptured": {key: dataclasses.asdict(change) for key, change in extraction.uncaptured.items()},
+    }
+    report_path = os.path.join(options.output_dir, "extraction_report.json")
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=2)
+
+    errors = sorted(((layer.relative_error, name) for name, layer in extraction.layers.items()), reverse=True)
+    mean_error = sum(error for error, _ in errors) / len(errors)
+    print(f"rank-{options.rank} LoRA of {len(errors)} changed Linear layers: relative error mean {mean_error:.4f}, "
+          f"max {errors[0][0]:.4f}")  # fmt: skip
+    print(f"{'relative error':>14} | {'energy kept':>11} | layer (worst first)")
+    for error, name in errors[:10]:
+        print(f"{error:>14.4f} | {extraction.layers[name].energy_kept:>11.4f} | {name}")
+    if extraction.uncaptured:
+        largest = max(extraction.uncaptured.items(), key=lambda item: item[1].relative_change)
+        print(f"warning: {len(extraction.uncaptured)} changed entries cannot ride in a LoRA (biases, norms, ...); "
+              f"largest: {largest[0]} ({largest[1].reason}, relative change {largest[1].relative_change:.3g})")  # fmt: skip
+    print(f"wrote {weights} and {report_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+COMMANDS = {
+    "train": (
+        (TrainArguments, SRPOConfig),
+        _train,
+        "Train an SRPO LoRA (or full fine-tune); works under `accelerate launch`.",
+    ),
+    "sample": ((SampleArguments,), _sample, "Generate images with a model and optionally LoRAs, with a grid."),
+    "demo": (
+        (DemoArguments,),
+        _demo,
+        "The embedded offline demo: SRPO on a tiny FLUX-shaped world on the CPU, before/after grid, reward plot.",
+    ),
+    "extract-lora": (
+        (ExtractLoraArguments,),
+        _extract_lora,
+        "Turn a fully fine-tuned FLUX transformer into a LoRA by truncated SVD of the weight differences.",
+    ),
+}
+
+
+def build_parser() -> tuple[_Parser, dict[str, _Parser]]:
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    subparsers = {}
+    for name, (dataclass_types, handler, help_text) in COMMANDS.items():
+        subparser = commands.add_parser(
+            name, dataclass_types=dataclass_types, help=help_text, description=help_text, prog=f"{PROG} {name}"
+        )
+        subparser.set_defaults(handler=handler)
+        subparsers[name] = subparser
+    return parser, subparsers
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo" and (args.resolution <= 0 or args.resolution % 4):
-        print(
-            f"diffusers-srpo: error: --resolution must be a positive multiple of 4, got {args.resolution}",
-            file=sys.stderr,
-        )
-        return 2
-    return args.handler(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    command = argv[0] if argv else None
+    try:
+        if command == "train":
+            # Settings of a config file become the defaults, so that command-line options override them.
+            prefix = argparse.ArgumentParser(add_help=False)
+            prefix.add_argument("--config")
+            config_file = prefix.parse_known_args(argv[1:])[0].config
+            if config_file:
+                subparsers["train"].set_defaults(**_config_file_values(config_file, subparsers["train"]))
+        args = parser.parse_args(argv)
+        return args.handler(args)
+    except (UsageError, SetupError) as error:
+        prog = f"{PROG} {command}" if command in COMMANDS else PROG
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1

@@ -1,26 +1,214 @@
+"""The ``diffusers-srpo`` command line, end to end through real subprocesses on the tiny offline world."""
+
+import json
+import os
+import shutil
 import subprocess
 import sys
+from dataclasses import fields
 
+import numpy as np
+import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_srpo import SRPOConfig
+from diffusers_srpo.cli import COMMANDS, build_parser, main
+from diffusers_srpo.testing import save_open_clip_local_dir, tiny_flux_pipeline, tiny_open_clip_model
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "diffusers_srpo", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+def run_cli(*args, cwd=None):
+    executable = shutil.which("diffusers-srpo")
+    assert executable, "the console script is not installed"
+    return subprocess.run([executable, *map(str, args)], capture_output=True, text=True, timeout=600, env=ENV, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny FLUX pipeline folder, a tiny open_clip reward folder and a prompt file, as a user would have them."""
+    root = tmp_path_factory.mktemp("world")
+    tiny_flux_pipeline(seed=0).save_pretrained(root / "flux")
+    save_open_clip_local_dir(tiny_open_clip_model(seed=0), str(root / "clip"))
+    (root / "prompts.txt").write_text("a red circle\na blue square\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    """``diffusers-srpo train`` from a YAML file with one option overridden on the command line."""
+    config = world / "srpo.yaml"
+    config.write_text(
+        f"model: {world / 'flux'}\n"
+        f"reward: clip:{world / 'clip'}\n"
+        "torch_dtype: float32\n"
+        f"prompt_file: {world / 'prompts.txt'}\n"
+        f"output_dir: {world / 'lora'}\n"
+        "resolution: 32\nrollout_steps: 2\nmax_sequence_length: 16\nmax_train_steps: 5\n"
+        "learning_rate: 1e-2\n"  # YAML reads this as a string: the option's type must turn it into a float
+        "lora_rank: 4\nmixed_precision: 'no'\ncpu: true\ncheckpointing_steps: 0\nvalidation_steps: 0\n"
+        "positive_words: [Bright, Sharp]\n"
     )
+    result = run_cli("train", "--config", config, "--max_train_steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return world / "lora", result
 
 
-def test_demo_writes_an_image(tmp_path):
-    result = _cli("demo", "--output-dir", "out", "--resolution", "32", "--steps", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    image = Image.open(tmp_path / "out" / "sample.png")
-    assert image.size == (32, 32)
-    assert len(set(image.getdata())) > 1
-    assert "out/sample.png" in result.stdout
+def test_train_from_a_yaml_file_with_overrides(trained):
+    out, result = trained
+    assert f"to {out}" in result.stdout
+    settings = json.loads((out / "srpo_config.json").read_text())
+    assert settings["max_train_steps"] == 2  # the command line wins over the file
+    assert settings["learning_rate"] == 0.01 and settings["positive_words"] == ["Bright", "Sharp"]
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
 
 
-def test_demo_rejects_bad_resolution_before_writing(tmp_path):
-    result = _cli("demo", "--output-dir", "out", "--resolution", "30", cwd=tmp_path)
+def test_sample_with_a_scaled_lora_matches_the_pipeline(world, trained, tmp_path):
+    lora, _ = trained
+    out = tmp_path / "samples"
+    common = ["--height", 32, "--width", 32, "--num_inference_steps", 2, "--max_sequence_length", 16, "--seed", 3]
+    result = run_cli(
+        "sample", "--model", world / "flux", "--prompt", "a red circle", "a blue square", "--lora", f"{lora}:0.5",
+        "--torch_dtype", "float32", "--device", "cpu", "--output_dir", out, *common,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert files == ["000-a-red-circle.png", "001-a-blue-square.png", "grid.png"]
+    assert Image.open(out / "grid.png").size == (32, 64)
+
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(world / "flux")
+    kwargs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16, output_type="np")
+    generate = lambda: pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(3), **kwargs).images  # noqa: E731
+    base = generate()
+    pipe.load_lora_weights(str(lora), adapter_name="trained")
+    pipe.set_adapters(["trained"], adapter_weights=[0.5])
+    expected = (generate() * 255).round()
+    written = np.stack([np.asarray(Image.open(out / name), dtype=np.float32) for name in files[:2]])
+    assert np.abs(written - expected).max() <= 1
+    assert np.abs(written - (base * 255).round()).max() > 1, "the LoRA changed nothing"
+
+
+def test_demo_writes_lora_grid_plot_and_metrics(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--output_dir", out, "--max_train_steps", 6)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("pytorch_lora_weights.safetensors", "before_after.png", "reward_curve.png", "metrics.json", "README.md"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 6
+    assert metrics["evaluation_srp_gain"] == pytest.approx(metrics["evaluation_srp_after"] - metrics["evaluation_srp_before"])
+    assert metrics["evaluation_srp_gain"] != 0
+    grid = np.asarray(Image.open(out / "before_after.png"))
+    assert grid.shape[0] > grid.shape[1] / 4 and len(np.unique(grid.reshape(-1, grid.shape[-1]), axis=0)) > 10
+    assert "evaluation SRP reward" in result.stdout
+
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.load_lora_weights(str(out))  # what the demo wrote loads into a stock pipeline
+
+
+def test_help_lists_every_option_with_its_help():
+    _, subparsers = build_parser()
+    assert set(subparsers) == set(COMMANDS) == {"train", "sample", "demo", "extract-lora"}
+    for name, subparser in subparsers.items():
+        for action in subparser._actions:
+            if action.dest != "help":
+                assert action.help and action.help.strip(), f"{name} --{action.dest} has no help"
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for config_field in fields(SRPOConfig):
+        assert f"--{config_field.name}" in result.stdout, config_field.name
+    assert "Gradient-norm clip" in result.stdout and "--reward" in result.stdout
+    top = run_cli("--help")
+    assert all(command in top.stdout for command in COMMANDS)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--no_such_option", "1"], "unrecognized arguments: --no_such_option"),
+        (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["train", "--max_train_steps", "many"], "invalid int value: 'many'"),
+        (["train", "--prompt_file", "p.txt", "--train_window_start", "30"], "train_window_start"),
+        (["train", "--prompt_file", "p.txt", "--torch_dtype", "float8"], "--torch_dtype must be one of"),
+        (["train", "--output_dir", "out"], "no training prompts"),
+        (["train", "--config", "bad.yaml"], "unknown settings: learning_rat"),
+        (["sample", "--output_dir", "out"], "no prompt"),
+        (["sample", "--prompt", "x", "--lora", "nowhere/at/all:0.5"], "LoRA 'nowhere/at/all'"),
+        (["demo", "--resolution", "30", "--output_dir", "out"], "--resolution must be a positive multiple of 4"),
+        (["extract-lora", "--output_dir", "out"], "--tuned is required"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_command_lines_fail_with_one_line_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
+    before = sorted(os.listdir(tmp_path))
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert err.startswith("diffusers-srpo")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_busy_output_dir_is_refused_before_loading_anything(world, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "pytorch_lora_weights.safetensors").write_bytes(b"another run")
+    result = run_cli("train", "--model", "no/such-model", "--prompt_file", world / "prompts.txt", "--output_dir", busy)
     assert result.returncode == 2
-    assert "--resolution" in result.stderr and "30" in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert result.stderr.strip().splitlines() == [
+        f"diffusers-srpo train: error: output_dir '{busy}' already holds files of another run; pass "
+        "--resume_from_checkpoint latest, --overwrite_output_dir, or choose another --output_dir"
+    ]
+    assert (busy / "pytorch_lora_weights.safetensors").read_bytes() == b"another run"
+
+
+def test_module_entry_point_is_the_console_script():
+    result = subprocess.run([sys.executable, "-m", "diffusers_srpo", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "extract-lora" in result.stdout
+
+
+def test_extract_lora_recovers_a_known_low_rank_update(world, tmp_path):
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    rank = 3
+    tuned = FluxPipeline.from_pretrained(world / "flux")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in (tuned.transformer.transformer_blocks[0].attn.to_q, tuned.transformer.single_transformer_blocks[0].proj_out):
+            out_features, in_features = layer.weight.shape
+            update = torch.randn(out_features, rank, generator=generator) @ torch.randn(rank, in_features, generator=generator)
+            layer.weight += 0.05 * update
+    state = {k: v.contiguous() for k, v in tuned.transformer.state_dict().items()}
+    save_file(state, tmp_path / "tuned.safetensors")
+
+    out = tmp_path / "extracted"
+    result = run_cli(
+        "extract-lora", "--base", world / "flux", "--tuned", tmp_path / "tuned.safetensors", "--rank", rank,
+        "--output_dir", out, "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "extraction_report.json").read_text())
+    assert set(report["layers"]) == {"transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"}
+    assert max(layer["relative_error"] for layer in report["layers"].values()) < 1e-5
+    assert "relative error mean" in result.stdout
+
+    kwargs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16, output_type="np")
+    expected = tuned("a red circle", generator=torch.Generator().manual_seed(1), **kwargs).images
+    pipe = FluxPipeline.from_pretrained(world / "flux")
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(1), **kwargs).images
+    pipe.load_lora_weights(str(out))
+    extracted = pipe("a red circle", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert np.abs(expected - base).max() > 1e-2
+    np.testing.assert_allclose(extracted, expected, rtol=0, atol=1e-4)

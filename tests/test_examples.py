@@ -3,10 +3,13 @@
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
+import pytest
 import torch
 from diffusers import FluxPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_srpo.testing import save_open_clip_local_dir, tiny_flux_pipeline, tiny_open_clip_model
@@ -43,10 +46,42 @@ def test_train_srpo_flux_writes_a_lora_that_stock_flux_loads(tmp_path):
     assert np.isfinite(image).all()
     assert "max_train_steps" in (out / "srpo_config.json").read_text()
 
+    side_by_side = tmp_path / "side_by_side.png"
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "inference_with_lora.py"), "--model", str(model_dir), "--lora", str(out),
+         "--prompt", "a red circle", "--height", "32", "--width", "32", "--num_inference_steps", "2",
+         "--max_sequence_length", "16", "--output", str(side_by_side)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pair = np.asarray(Image.open(side_by_side), dtype=np.float32)
+    assert pair.shape == (32, 64, 3)
+    assert np.abs(pair[:, :32] - pair[:, 32:]).max() > 1, "the LoRA changed nothing"
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(EXAMPLES, "configs"))))
+def test_example_training_configs_are_valid(name):
+    from diffusers_srpo import SRPOConfig
+    from diffusers_srpo.cli import _config_file_values, build_parser
+
+    parser, subparsers = build_parser()
+    values = _config_file_values(os.path.join(EXAMPLES, "configs", name), subparsers["train"])
+    subparsers["train"].set_defaults(**values)
+    args = parser.parse_args(["train"])
+    config = SRPOConfig(**{f.name: getattr(args, f.name) for f in fields(SRPOConfig)})
+    assert config.resolution == 720 and config.mixed_precision == "bf16"
+    assert isinstance(config.learning_rate, float) and args.reward.startswith("hpsv2:")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(EXAMPLES, "accelerate"))))
+def test_example_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(os.path.join(EXAMPLES, "accelerate", name))
+    assert config.mixed_precision == "bf16"
+
 
 def test_train_srpo_flux_help_lists_every_config_field():
-    from dataclasses import fields
-
     from diffusers_srpo import SRPOConfig
 
     result = subprocess.run(

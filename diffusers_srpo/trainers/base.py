@@ -39,6 +39,12 @@ class StepOutput:
     logs: dict[str, float]
 
 
+def check_output_dir(output_dir: str, *, allow_existing: bool, remedy: str) -> None:
+    """Refuse an output folder that already holds files (another run's), unless ``allow_existing``."""
+    if not allow_existing and os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"output_dir {output_dir!r} already holds files of another run; {remedy}")
+
+
 def _mix_seed(*parts: int) -> int:
     """A 63-bit seed from several integers (seed, step, rank, stream), stable across runs and processes."""
     value = 0x9E3779B97F4A7C15
@@ -68,7 +74,12 @@ class BaseTrainer:
         if source is None:
             raise ValueError("no training prompts: pass prompts=[...] or a path, or set config.prompt_file")
         self.prompts = load_prompts(source)
-        self._check_output_dir()
+        check_output_dir(
+            self.config.output_dir,
+            allow_existing=bool(self.config.resume_from_checkpoint or self.config.overwrite_output_dir),
+            remedy="set resume_from_checkpoint='latest' to continue it, overwrite_output_dir=True to write over it, "
+            "or choose another folder",
+        )
         self.reward = self.prepare_reward(reward)
 
         from accelerate import Accelerator
@@ -123,16 +134,6 @@ class BaseTrainer:
             raise ValueError(f"the reward {type(self.reward).__name__} is not differentiable: no gradient reaches the images")
 
     # ----------------------------------------------------------------------------------- checks
-    def _check_output_dir(self) -> None:
-        out = self.config.output_dir
-        if self.config.resume_from_checkpoint or self.config.overwrite_output_dir:
-            return
-        if os.path.isdir(out) and os.listdir(out):
-            raise FileExistsError(
-                f"output_dir {out!r} already holds files of another run; set resume_from_checkpoint='latest' "
-                "to continue it, overwrite_output_dir=True to write over it, or choose another folder"
-            )
-
     # ----------------------------------------------------------------------------------- setup
     def _setup_models(self) -> None:
         config, accelerator = self.config, self.accelerator
