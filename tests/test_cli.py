@@ -212,3 +212,19 @@ def test_extract_lora_recovers_a_known_low_rank_update(world, tmp_path):
     extracted = pipe("a red circle", generator=torch.Generator().manual_seed(1), **kwargs).images
     assert np.abs(expected - base).max() > 1e-2
     np.testing.assert_allclose(extracted, expected, rtol=0, atol=1e-4)
+
+
+def test_train_runs_under_accelerate_launch(world, tmp_path):
+    out = tmp_path / "launched"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "diffusers_srpo", "train",
+        "--model", world / "flux", "--reward", f"clip:{world / 'clip'}", "--torch_dtype", "float32",
+        "--prompt_file", world / "prompts.txt", "--output_dir", out, "--resolution", "32", "--rollout_steps", "2",
+        "--max_sequence_length", "16", "--max_train_steps", "1", "--lora_rank", "4", "--mixed_precision", "no",
+        "--checkpointing_steps", "1", "--validation_steps", "0",
+    ]  # fmt: skip
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"to {out}" in result.stdout
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "checkpoint-1").is_dir()
