@@ -361,7 +361,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
     out = sys.argv[1]
     config = SRPOConfig(output_dir=out, seed=0, max_train_steps=2, resolution=32, rollout_steps=4, max_sequence_length=16,
                         mixed_precision="no", learning_rate=1e-3, lora_rank=4, lora_alpha=4.0, checkpointing_steps=0,
-                        validation_steps=0, cpu=True)
+                        validation_prompts=["a red circle"], validation_steps=2, cpu=True)
     trainer = SRPOTrainer(tiny_flux_pipeline(seed=0), reward=tiny_clip_reward(seed=0),
                           prompts=["a red circle", "a blue square", "a green triangle", "a yellow circle"], config=config)
     trainer.train()
@@ -393,6 +393,7 @@ def test_two_processes_train_identical_weights_on_different_prompts(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+    assert (out / "validation" / "step-000002.png").is_file()
     written = lora_weights(out)
     assert torch.equal(written["transformer." + next(iter(weights[0]))], next(iter(weights[0].values())))
 

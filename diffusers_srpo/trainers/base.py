@@ -414,11 +414,14 @@ class BaseTrainer:
 
     def save_validation_grid(self) -> str | None:
         prompts = self.config.validation_prompts
-        if not prompts or not self.accelerator.is_main_process:
+        if not prompts:
             return None
         from torchvision.utils import save_image
 
+        # Every process samples (through the prepared model, as FSDP and DDP need); the main one saves.
         images = self.generate_images(prompts, self.config.validation_seed)
+        if not self.accelerator.is_main_process:
+            return None
         folder = os.path.join(self.config.output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{self.global_step:06d}.png")
