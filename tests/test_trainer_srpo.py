@@ -416,3 +416,15 @@ def test_adapter_recovers_into_the_vae_layout_like_the_scheduler_then_decode():
         expected = adapter.decode(x0_hat, SIZE, SIZE)
     assert fused.shape == (2, 3, SIZE, SIZE)
     torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
+
+
+def test_on_update_sees_every_update_and_can_add_logs(tmp_path):
+    seen = []
+
+    def evaluate(trainer, logs):
+        seen.append(trainer.global_step)
+        logs["evaluation"] = 10.0 * trainer.global_step
+
+    history = make_trainer(tmp_path, max_train_steps=3).train(on_update=evaluate)
+    assert seen == [1, 2, 3]
+    assert [h["evaluation"] for h in history] == [10.0, 20.0, 30.0]

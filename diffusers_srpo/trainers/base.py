@@ -444,8 +444,12 @@ class BaseTrainer:
             if self.history:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in self.history[-1].items() if k in ("loss", "reward")})
 
-    def train(self):
-        """Run the updates; write the outputs. Returns the per-update logs."""
+    def train(self, on_update: Callable[[BaseTrainer, dict[str, float]], None] | None = None):
+        """Run the updates; write the outputs. Returns the per-update logs.
+
+        ``on_update(trainer, logs)`` runs after every update, before the logs are recorded: an evaluation can
+        add its own numbers to ``logs`` (the demo measures the toy world's oracles this way).
+        """
         config, accelerator = self.config, self.accelerator
         # Every prompt is encoded up front, so that the text encoders can leave the GPU for the whole run.
         self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []))
@@ -481,6 +485,8 @@ class BaseTrainer:
             output.logs["loss"] = sum(loss_values)
             logs = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in output.logs.items()}
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+            if on_update is not None:
+                on_update(self, logs)
             self.history.append(logs)
             accelerator.log(logs, step=self.global_step)
             if config.checkpointing_steps and self.global_step % config.checkpointing_steps == 0:
