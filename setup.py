@@ -35,6 +35,8 @@ setup(
     # a top-level `kernels` module would shadow Hugging Face's `kernels` library.
     packages=find_packages(include=["diffusers_srpo", "diffusers_srpo.*"]) + ["diffusers_srpo.kernels"],
     package_dir={"diffusers_srpo": "diffusers_srpo", "diffusers_srpo.kernels": "kernels"},
+    # The toy world's trained weights (fp16 safetensors, configs and tokenizer files) ship with the package.
+    package_data={"diffusers_srpo": ["toyworld/weights/**/*"]},
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["diffusers-srpo=diffusers_srpo.cli:main"]},

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
@@ -90,11 +89,12 @@ class SampleArguments:
 
 @dataclass
 class DemoArguments:
-    output_dir: str = field(default="srpo-demo", metadata=_help("Folder for the LoRA, the grids, the plot and metrics."))
-    max_train_steps: int = field(default=40, metadata=_help("SRPO updates."))
-    resolution: int = field(default=32, metadata=_help("Image height and width of the tiny world; a multiple of 4."))
-    learning_rate: float = field(default=1e-2, metadata=_help("AdamW learning rate of the LoRA."))
-    seed: int = field(default=0, metadata=_help("Seed of the tiny models, the training and the evaluation noise."))
+    output_dir: str = field(default="srpo-demo", metadata=_help("Folder for the LoRA, the grids, the curves and metrics."))
+    max_train_steps: int = field(default=25, metadata=_help("SRPO updates."))
+    learning_rate: float = field(default=1e-3, metadata=_help("AdamW learning rate of the LoRA."))
+    positive_word: str = field(default="bright", metadata=_help("SRP's positive control word: a toy-world style."))
+    negative_word: str = field(default="dark", metadata=_help("SRP's negative control word: a toy-world style."))
+    seed: int = field(default=0, metadata=_help("Seed of the training and of the evaluation noise."))
     overwrite_output_dir: bool = field(default=False, metadata=_help("Write over an output_dir that holds files."))
 
 
@@ -272,38 +272,21 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- demo
-DEMO_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
-
-
 def _demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from .rewards import SemanticRelativeReward
-    from .testing import tiny_clip_reward, tiny_flux_pipeline
-    from .trainers import SRPOTrainer
+    from .toyworld.demo import run_demo, style_attribute_of
     from .trainers.base import check_output_dir
 
     options = _dataclass_from(args, DemoArguments)
-    if options.resolution <= 0 or options.resolution % 4:
-        raise UsageError(f"--resolution must be a positive multiple of 4, got {options.resolution}")
     try:
-        config = SRPOConfig(
-            output_dir=options.output_dir,
-            overwrite_output_dir=options.overwrite_output_dir,
-            seed=options.seed,
-            max_train_steps=options.max_train_steps,
-            learning_rate=options.learning_rate,
-            max_grad_norm=1.0,
-            resolution=options.resolution,
-            rollout_steps=4,
-            max_sequence_length=16,
-            mixed_precision="no",
-            cpu=True,
-            lora_rank=4,
-            lora_alpha=4.0,
-            checkpointing_steps=0,
-            validation_steps=0,
-        )
+        for word in (options.positive_word, options.negative_word):
+            style_attribute_of(word)
+        if style_attribute_of(options.positive_word) != style_attribute_of(options.negative_word):
+            raise ValueError(
+                f"--positive_word {options.positive_word!r} and --negative_word {options.negative_word!r} name "
+                "different styles; expected two values of one style (bright/dark or smooth/grainy)"
+            )
+        if options.max_train_steps <= 0:
+            raise ValueError(f"--max_train_steps must be a positive integer, got {options.max_train_steps}")
         check_output_dir(
             options.output_dir,
             allow_existing=options.overwrite_output_dir,
@@ -312,83 +295,26 @@ def _demo(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         raise UsageError(str(error)) from None
 
-    started = time.perf_counter()
-    reward = tiny_clip_reward(seed=options.seed)
-    trainer = SRPOTrainer(tiny_flux_pipeline(seed=options.seed), reward=reward, prompts=list(DEMO_PROMPTS), config=config)
-    # The evaluation score: SRP with the first control words and k = 0, on fixed noises, before and after.
-    evaluation = SemanticRelativeReward(reward, word_schedule="fixed")
-    evaluation_seeds = [options.seed + 1000 + i for i in range(4)]
-
-    @torch.no_grad()
-    def evaluate():
-        batches = [trainer.generate_images(list(DEMO_PROMPTS), seed) for seed in evaluation_seeds]
-        scores = [evaluation(images, list(DEMO_PROMPTS)).mean().item() for images in batches]
-        return sum(scores) / len(scores), batches[0]
-
-    reward_before, images_before = evaluate()
-    history = trainer.train()
-    reward_after, images_after = evaluate()
-
-    out = options.output_dir
-    grid_path = os.path.join(out, "before_after.png")
-    _save_before_after(images_before, images_after, grid_path)
-    plot_path = os.path.join(out, "reward_curve.png")
-    _plot_rewards(history, reward_before, reward_after, plot_path)
-    metrics = {
-        "prompts": list(DEMO_PROMPTS),
-        "max_train_steps": options.max_train_steps,
-        "evaluation_srp_before": reward_before,
-        "evaluation_srp_after": reward_after,
-        "evaluation_srp_gain": reward_after - reward_before,
-        "history": history,
-        "seconds": time.perf_counter() - started,
-    }
-    metrics_path = os.path.join(out, "metrics.json")
-    with open(metrics_path, "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(
-        f"SRPO on the tiny offline world: evaluation SRP reward {reward_before:.5f} -> {reward_after:.5f} "
-        f"in {options.max_train_steps} updates ({metrics['seconds']:.0f} s)"
+    metrics = run_demo(
+        options.output_dir,
+        max_train_steps=options.max_train_steps,
+        learning_rate=options.learning_rate,
+        seed=options.seed,
+        positive_word=options.positive_word,
+        negative_word=options.negative_word,
+        overwrite_output_dir=options.overwrite_output_dir,
     )
-    print(f"wrote the LoRA to {out}, {grid_path}, {plot_path} and {metrics_path}")
+    before, after = metrics["before"], metrics["after"]
+    fraction = f"oracle_{options.positive_word}_fraction"
+    print(
+        f"SRPO on the toy world ({options.positive_word!r} over {options.negative_word!r}, "
+        f"{options.max_train_steps} updates, {metrics['seconds']:.0f} s): unprompted {options.positive_word} fraction "
+        f"{before[fraction]:.2f} -> {after[fraction]:.2f}; colour accuracy {before['oracle_colour_accuracy']:.2f} -> "
+        f"{after['oracle_colour_accuracy']:.2f}; shape accuracy {before['oracle_shape_accuracy']:.2f} -> "
+        f"{after['oracle_shape_accuracy']:.2f}; SRP reward {before['evaluation_srp']:.4f} -> {after['evaluation_srp']:.4f}"
+    )
+    print(f"wrote the LoRA, before_after.png, curves.png and metrics.json to {options.output_dir}")
     return 0
-
-
-def _save_before_after(before, after, path: str) -> None:
-    import torch
-    from torchvision.utils import save_image
-
-    # Top row before training, bottom row after, one column per prompt; upscaled so the tiny images are visible.
-    grid = torch.cat([before, after]).float().cpu()
-    grid = torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest")
-    save_image(grid, path, nrow=before.shape[0], padding=4, pad_value=1.0)
-
-
-def _plot_rewards(history: list[dict], reward_before: float, reward_after: float, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    steps = list(range(1, len(history) + 1))
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    branches = [("reward_denoise", "training SRP, denoise branch", "tab:blue")]
-    if history and "reward_invert" in history[0]:
-        branches.append(("reward_invert", "training SRP, inversion branch (swapped words)", "tab:orange"))
-    for key, label, color in branches:
-        values = [h[key] for h in history]
-        # Each update draws its own sigma and control words: the running mean shows the trend.
-        running = [sum(values[max(0, i - 7) : i + 1]) / len(values[max(0, i - 7) : i + 1]) for i in range(len(values))]
-        axis.plot(steps, values, color=color, alpha=0.3)
-        axis.plot(steps, running, color=color, label=f"{label} (running mean of 8)")
-    axis.axhline(reward_before, color="grey", linestyle=":", label=f"evaluation before {reward_before:.4f}")
-    axis.axhline(reward_after, color="black", linestyle="--", label=f"evaluation after {reward_after:.4f}")
-    axis.set_xlabel("update")
-    axis.set_ylabel("SRP reward")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 # ----------------------------------------------------------------------------------------------- extract-lora
@@ -461,7 +387,7 @@ COMMANDS = {
     "demo": (
         (DemoArguments,),
         _demo,
-        "The embedded offline demo: SRPO on a tiny FLUX-shaped world on the CPU, before/after grid, reward plot.",
+        "The embedded offline demo: SRPO steers the shipped toy world's style on the CPU; grids, curves, metrics.",
     ),
     "extract-lora": (
         (ExtractLoraArguments,),

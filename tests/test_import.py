@@ -73,7 +73,8 @@ def test_kernels_subpackage_is_not_top_level(tmp_path):
 
 
 def test_regular_install_ships_kernels_inside_the_package(tmp_path):
-    """A non-editable install (a built wheel) carries kernels/ as diffusers_srpo.kernels and imports from there."""
+    """A non-editable install (a built wheel) carries kernels/ as diffusers_srpo.kernels, and the toy world's
+    weights, and imports from there."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
@@ -86,6 +87,8 @@ def test_regular_install_ships_kernels_inside_the_package(tmp_path):
     target = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=300)
     assert not (target / "kernels").exists(), "the wheel installs a top-level `kernels` package"
+    shipped = target / "diffusers_srpo" / "toyworld" / "weights"
+    assert (shipped / "pipeline" / "model_index.json").is_file() and (shipped / "reward").is_dir()
     probe = "import diffusers_srpo.kernels as k, diffusers_srpo.kernels.flow; print(k.__file__)"
     env = dict(os.environ, PYTHONPATH=str(target))
     result = subprocess.run(

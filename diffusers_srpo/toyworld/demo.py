@@ -1,0 +1,173 @@
+"""The embedded demo: SRPO steers the toy world's unprompted style, measured by the oracles the reward never sees.
+
+The shipped toy generator, asked for content alone ("a red circle"), draws a mix of bright and dark (and smooth
+and grainy) scenes. SRPO with the control words "bright" / "dark" on the shipped toy CLIP reward should move
+that mix toward bright while colour and shape stay right. Everything is measured on the same fixed noises
+before, during and after training, by the analytic oracles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from .data import ATTRIBUTE_VALUES, STYLE_ATTRIBUTES, all_attribute_combinations
+from .generator import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, load_pipeline
+from .oracles import oracle_labels
+from .reward import load_reward
+
+CONTENT_PROMPTS = tuple(sorted({attributes.content for attributes in all_attribute_combinations()}))
+
+
+def style_attribute_of(word: str) -> str:
+    """The style attribute a control word names ("bright" -> "lighting")."""
+    for attribute in STYLE_ATTRIBUTES:
+        if word in ATTRIBUTE_VALUES[attribute]:
+            return attribute
+    raise ValueError(
+        f"control word {word!r} names no style of the toy world; expected one of "
+        f"{[v for a in STYLE_ATTRIBUTES for v in ATTRIBUTE_VALUES[a]]}"
+    )
+
+
+@torch.no_grad()
+def measure(trainer, srp, prompts: list[str], seeds: list[int], positive_word: str) -> tuple[dict, torch.Tensor]:
+    """Oracle and reward numbers of the trainer's current model on fixed noises, and the first seed's images."""
+    attribute = style_attribute_of(positive_word)
+    batches = [trainer.generate_images(prompts, seed) for seed in seeds]
+    images = torch.cat(batches)
+    predicted = oracle_labels(images)
+    expected_words = [prompt.split() for prompt in prompts] * len(seeds)  # "a red circle"
+    target = ATTRIBUTE_VALUES[attribute].index(positive_word)
+    numbers = {
+        f"oracle_{positive_word}_fraction": (predicted[attribute] == target).float().mean().item(),
+        "oracle_colour_accuracy": _accuracy(predicted["colour"], [w[1] for w in expected_words], "colour"),
+        "oracle_shape_accuracy": _accuracy(predicted["shape"], [w[2] for w in expected_words], "shape"),
+        "evaluation_srp": srp(images, prompts * len(seeds)).mean().item(),
+    }
+    return numbers, batches[0]
+
+
+def _accuracy(predicted: torch.Tensor, expected: list[str], attribute: str) -> float:
+    values = ATTRIBUTE_VALUES[attribute]
+    return sum(values[int(p)] == e for p, e in zip(predicted, expected, strict=True)) / len(expected)
+
+
+def run_demo(
+    output_dir: str,
+    max_train_steps: int = 25,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    positive_word: str = "bright",
+    negative_word: str = "dark",
+    evaluation_seeds: int = 4,
+    evaluate_every: int = 5,
+    overwrite_output_dir: bool = False,
+) -> dict:
+    """Train an SRPO LoRA on the toy world and write the LoRA, grids, curves and metrics to ``output_dir``.
+
+    The defaults stop before reward hacking takes over: with three times the learning rate, or many more updates,
+    the unprompted bright fraction reaches 1.0 but some objects vanish into an empty bright canvas (which the
+    reward scores as "bright") and the oracle's colour accuracy falls from 1.0 to 0.25.
+    """
+    from ..rewards import SemanticRelativeReward
+    from ..trainers import SRPOConfig, SRPOTrainer
+
+    style_attribute_of(positive_word)
+    style_attribute_of(negative_word)
+    config = SRPOConfig(
+        output_dir=output_dir,
+        overwrite_output_dir=overwrite_output_dir,
+        seed=seed,
+        max_train_steps=max_train_steps,
+        learning_rate=learning_rate,
+        max_grad_norm=1.0,
+        resolution=IMAGE_SIZE,
+        rollout_steps=8,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        mixed_precision="no",
+        cpu=True,
+        lora_rank=8,
+        lora_alpha=8.0,
+        positive_words=[positive_word],
+        negative_words=[negative_word],
+        word_schedule="fixed",
+        checkpointing_steps=0,
+        validation_steps=0,
+    )
+    started = time.perf_counter()
+    reward = load_reward()
+    prompts = list(CONTENT_PROMPTS)
+    trainer = SRPOTrainer(load_pipeline(), reward=reward, prompts=prompts, config=config)
+    srp = SemanticRelativeReward(reward, [positive_word], [negative_word], word_schedule="fixed")
+    seeds = [10_000 + i for i in range(evaluation_seeds)]  # the same noises whatever the training seed
+
+    before, images_before = measure(trainer, srp, prompts, seeds, positive_word)
+
+    def evaluate(trainer, logs):
+        if trainer.global_step % evaluate_every == 0 or trainer.global_step == max_train_steps:
+            logs.update(measure(trainer, srp, prompts, seeds, positive_word)[0])
+
+    history = trainer.train(on_update=evaluate)
+    after, images_after = measure(trainer, srp, prompts, seeds, positive_word)
+
+    grid_path = os.path.join(output_dir, "before_after.png")
+    save_before_after(images_before, images_after, grid_path)
+    curves_path = os.path.join(output_dir, "curves.png")
+    plot_curves(history, before, positive_word, curves_path)
+    metrics = {
+        "prompts": prompts,
+        "control_words": {"positive": positive_word, "negative": negative_word},
+        "max_train_steps": max_train_steps,
+        "evaluation_seeds": seeds,
+        "before": before,
+        "after": after,
+        "history": history,
+        "seconds": time.perf_counter() - started,
+    }
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def save_before_after(before: torch.Tensor, after: torch.Tensor, path: str) -> None:
+    """Top row before training, bottom row after, one column per prompt; upscaled so the tiny images show."""
+    from torchvision.utils import save_image
+
+    grid = torch.nn.functional.interpolate(torch.cat([before, after]).float().cpu(), scale_factor=4, mode="nearest")
+    save_image(grid, path, nrow=before.shape[0], padding=4, pad_value=1.0)
+
+
+def plot_curves(history: list[dict], before: dict, positive_word: str, path: str) -> None:
+    """The training rewards per update, and the oracle numbers at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (reward_axis, oracle_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = list(range(1, len(history) + 1))
+    for key, label in (("reward_denoise", "denoise branch"), ("reward_invert", "inversion branch (swapped words)")):
+        if history and key in history[0]:
+            reward_axis.plot(steps, [h[key] for h in history], alpha=0.6, label=f"training SRP, {label}")
+    evaluated = [(0, before)] + [(i + 1, h) for i, h in enumerate(history) if "evaluation_srp" in h]
+    reward_axis.plot([s for s, _ in evaluated], [h["evaluation_srp"] for _, h in evaluated], "k.-", label="evaluation SRP")
+    reward_axis.set_xlabel("update")
+    reward_axis.set_ylabel("SRP reward")
+    reward_axis.legend(fontsize=7)
+    for key, label in (
+        (f"oracle_{positive_word}_fraction", f"{positive_word} fraction (unprompted)"),
+        ("oracle_colour_accuracy", "colour accuracy"),
+        ("oracle_shape_accuracy", "shape accuracy"),
+    ):
+        oracle_axis.plot([s for s, _ in evaluated], [h[key] for _, h in evaluated], ".-", label=label)
+    oracle_axis.set_ylim(0, 1.05)
+    oracle_axis.set_xlabel("update")
+    oracle_axis.set_title("oracles (never seen by the reward)", fontsize=9)
+    oracle_axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
