@@ -10,15 +10,19 @@ Three stages, seeded, on a CPU:
 3. the ``FluxTransformer2DModel`` (guidance-embedded, 2x2 packing) learns rectified flow on the VAE latents
    of captioned toy images: ``x_t = t * eps + (1 - t) * x0``, target ``eps - x0``.
 
-The result is an ordinary ``FluxPipeline`` folder, saved in fp16:
+The result is an ordinary ``FluxPipeline`` folder, saved in fp16. The shipped one took two runs, the second
+continuing the first with a cosine decay on fresh data:
 
-    python benchmarks/toyworld/train_generator.py --output diffusers_srpo/toyworld/weights/pipeline
+    python benchmarks/toyworld/train_generator.py --output stage1
+    python benchmarks/toyworld/train_generator.py --init-from stage1 --vae-steps 0 --flow-steps 9000 \
+        --flow-lr 5e-4 --cosine --data-offset 1000000 --output diffusers_srpo/toyworld/weights/pipeline
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -84,11 +88,15 @@ def encode_latents(pipe, images: torch.Tensor) -> torch.Tensor:
     return pipe._pack_latents(latents, batch, channels, height, width)
 
 
-def train_transformer(pipe, dataset, text, steps, batch_size, lr, log_every, offset):
+def train_transformer(pipe, dataset, text, steps, batch_size, lr, log_every, offset, cosine=False):
     transformer = pipe.transformer
     transformer.train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 200))
+    def schedule(step: int) -> float:  # linear warm-up, then constant or a cosine decay to zero
+        warm_up = min(1.0, (step + 1) / 200)
+        return warm_up * (0.5 * (1 + math.cos(math.pi * step / steps)) if cosine else 1.0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     latent_size = IMAGE_SIZE // pipe.vae_scale_factor
     img_ids = pipe._prepare_latent_image_ids(batch_size, latent_size // 2, latent_size // 2, "cpu", torch.float32)
     generator = torch.Generator().manual_seed(1234)
@@ -184,6 +192,11 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-samples", type=int, default=8, help="Generated images per prompt in the evaluation.")
     parser.add_argument("--eval-steps", type=int, default=20, help="Sampling steps in the evaluation.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument(
+        "--init-from", help="Continue from a saved toy pipeline folder (its VAE is kept: pass --vae-steps 0)."
+    )
+    parser.add_argument("--data-offset", type=int, default=0, help="First dataset index of the flow updates.")
+    parser.add_argument("--cosine", action="store_true", help="Cosine decay of the flow learning rate to zero.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -191,13 +204,19 @@ def main(argv=None) -> None:
     from diffusers import FluxPipeline
 
     started = time.perf_counter()
-    pipe = FluxPipeline(**tiny_flux_components(seed=args.seed, config=GENERATOR_CONFIG))
+    if args.init_from:
+        pipe = FluxPipeline.from_pretrained(args.init_from, torch_dtype=torch.float32)
+    else:
+        pipe = FluxPipeline(**tiny_flux_components(seed=args.seed, config=GENERATOR_CONFIG))
     dataset = ToyShapesDataset(length=10**9, image_size=IMAGE_SIZE, seed=args.seed)
 
-    train_vae(pipe.vae, dataset, args.vae_steps, args.batch_size, args.vae_lr, log_every=250)
     vae_offset = args.vae_steps * args.batch_size
-    set_latent_statistics(pipe.vae, dataset, vae_offset)
+    if args.vae_steps:
+        train_vae(pipe.vae, dataset, args.vae_steps, args.batch_size, args.vae_lr, log_every=250)
+        set_latent_statistics(pipe.vae, dataset, vae_offset)
     pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.text_encoder_2.requires_grad_(False)
 
     with torch.no_grad():
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(
@@ -206,7 +225,15 @@ def main(argv=None) -> None:
     text = {caption: (prompt_embeds[i : i + 1], pooled[i : i + 1]) for i, caption in enumerate(all_captions())}
     text["__ids__"] = text_ids
     train_transformer(
-        pipe, dataset, text, args.flow_steps, args.batch_size, args.flow_lr, log_every=250, offset=vae_offset + 2048
+        pipe,
+        dataset,
+        text,
+        args.flow_steps,
+        args.batch_size,
+        args.flow_lr,
+        log_every=250,
+        offset=args.data_offset or vae_offset + 2048,
+        cosine=args.cosine,
     )
     training_seconds = time.perf_counter() - started
 

@@ -69,9 +69,9 @@ def run_demo(
 ) -> dict:
     """Train an SRPO LoRA on the toy world and write the LoRA, grids, curves and metrics to ``output_dir``.
 
-    The defaults stop before reward hacking takes over: with three times the learning rate, or many more updates,
-    the unprompted bright fraction reaches 1.0 but some objects vanish into an empty bright canvas (which the
-    reward scores as "bright") and the oracle's colour accuracy falls from 1.0 to 0.25.
+    The defaults stop before reward hacking takes over: at 40 updates the unprompted bright fraction reaches about
+    0.8, but some objects fade into an empty bright canvas (which the reward scores as "bright") and the oracle's
+    colour accuracy falls from 0.96 to 0.75 (benchmarks/toyworld/RESULTS.md).
     """
     from ..rewards import SemanticRelativeReward
     from ..trainers import SRPOConfig, SRPOTrainer
