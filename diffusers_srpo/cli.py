@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from .trainers import SRPOConfig
+from .trainers.config import _help
 
 PROG = "diffusers-srpo"
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -35,10 +36,6 @@ class _Parser(HfArgumentParser):
     def error(self, message: str):
         """One line instead of argparse's usage block: the message and where help is."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -273,18 +270,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from .toyworld.demo import run_demo, style_attribute_of
+    from .toyworld.demo import check_control_words, run_demo
     from .trainers.base import check_output_dir
 
     options = _dataclass_from(args, DemoArguments)
     try:
-        for word in (options.positive_word, options.negative_word):
-            style_attribute_of(word)
-        if style_attribute_of(options.positive_word) != style_attribute_of(options.negative_word):
-            raise ValueError(
-                f"--positive_word {options.positive_word!r} and --negative_word {options.negative_word!r} name "
-                "different styles; expected two values of one style (bright/dark or smooth/grainy)"
-            )
+        check_control_words(options.positive_word, options.negative_word)
         if options.max_train_steps <= 0:
             raise ValueError(f"--max_train_steps must be a positive integer, got {options.max_train_steps}")
         check_output_dir(

@@ -33,6 +33,17 @@ def style_attribute_of(word: str) -> str:
     )
 
 
+def check_control_words(positive_word: str, negative_word: str) -> str:
+    """The style attribute two control words name; a clear error unless both are values of one style."""
+    positive, negative = style_attribute_of(positive_word), style_attribute_of(negative_word)
+    if positive != negative:
+        raise ValueError(
+            f"control words {positive_word!r} and {negative_word!r} name different styles; expected two values "
+            "of one style (bright/dark or smooth/grainy)"
+        )
+    return positive
+
+
 @torch.no_grad()
 def measure(trainer, srp, prompts: list[str], seeds: list[int], positive_word: str) -> tuple[dict, torch.Tensor]:
     """Oracle and reward numbers of the trainer's current model on fixed noises, and the first seed's images."""
@@ -76,8 +87,7 @@ def run_demo(
     from ..rewards import SemanticRelativeReward
     from ..trainers import SRPOConfig, SRPOTrainer
 
-    style_attribute_of(positive_word)
-    style_attribute_of(negative_word)
+    check_control_words(positive_word, negative_word)
     config = SRPOConfig(
         output_dir=output_dir,
         overwrite_output_dir=overwrite_output_dir,

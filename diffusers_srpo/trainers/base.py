@@ -483,7 +483,10 @@ class BaseTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step = step + 1
             output.logs["loss"] = sum(loss_values)
-            logs = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in output.logs.items()}
+            # One collective for all the numbers: every process logs the same keys in the same order.
+            names = list(output.logs)
+            means = accelerator.reduce(torch.tensor([output.logs[k] for k in names], device=accelerator.device), "mean")
+            logs = dict(zip(names, means.tolist(), strict=True))
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
             if on_update is not None:
                 on_update(self, logs)
