@@ -17,20 +17,39 @@ from .rewards import (
     load_reward,
 )
 from .scheduling_direct_align import DirectAlignScheduler, DirectAlignSigmas
-from .trainers import SRPOConfig, SRPOTrainer
+from .trainers import (
+    METHODS,
+    DRaFTConfig,
+    DRaFTTrainer,
+    ReFLConfig,
+    ReFLTrainer,
+    SRPOConfig,
+    SRPOTrainer,
+    TailorPOConfig,
+    TailorPOTrainer,
+    trainer_class_for,
+)
 
 __all__ = [
     "AestheticReward",
     "CLIPReward",
     "CallableReward",
+    "DRaFTConfig",
+    "DRaFTTrainer",
     "DirectAlignScheduler",
     "DirectAlignSigmas",
     "HPSv2Reward",
+    "METHODS",
     "PickScoreReward",
+    "ReFLConfig",
+    "ReFLTrainer",
     "SRPOConfig",
     "SRPOTrainer",
     "SemanticRelativeReward",
+    "TailorPOConfig",
+    "TailorPOTrainer",
     "__version__",
     "load_reward",
     "ops",
+    "trainer_class_for",
 ]

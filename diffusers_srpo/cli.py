@@ -1,13 +1,14 @@
 """The ``diffusers-srpo`` command line: ``train``, ``sample``, ``demo`` and ``extract-lora``.
 
-Every option comes from a dataclass field (``SRPOConfig`` for training), so the help text of a field is
-its ``--help`` line. Bad command lines stop with one ``diffusers-srpo <command>: error: ...`` line and a
+Every option comes from a dataclass field (for ``train``, the config class of ``--method``: ``SRPOConfig`` by
+default), so the help text of a field is its ``--help`` line. Bad command lines stop with one ``diffusers-srpo <command>: error: ...`` line and a
 non-zero exit before anything is loaded or written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from .trainers import SRPOConfig
+from .trainers import METHODS, trainer_class_for
 from .trainers.config import _help
 
 PROG = "diffusers-srpo"
@@ -41,7 +42,7 @@ class _Parser(HfArgumentParser):
 # ----------------------------------------------------------------------------------------------- arguments
 @dataclass
 class TrainArguments:
-    """What ``train`` needs beside ``SRPOConfig``: the model, the reward and the config file."""
+    """What ``train`` needs beside the method's config: the model, the reward and the config file."""
 
     config: str | None = field(
         default=None,
@@ -125,8 +126,8 @@ def _default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _config_file_values(path: str, parser: argparse.ArgumentParser) -> dict:
-    """The settings of a YAML or JSON file, typed as the options they stand for; unknown names are errors."""
+def _read_config_file(path: str) -> dict:
+    """The mapping a YAML or JSON settings file holds."""
     if not os.path.isfile(path):
         raise UsageError(f"config file {path!r} does not exist (expected a .yaml, .yml or .json file)")
     with open(path, encoding="utf-8") as f:
@@ -145,6 +146,12 @@ def _config_file_values(path: str, parser: argparse.ArgumentParser) -> dict:
     values = values or {}
     if not isinstance(values, dict):
         raise UsageError(f"config file {path!r} must hold a mapping of option names to values")
+    return values
+
+
+def _config_file_values(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The settings of a YAML or JSON file, typed as the options they stand for; unknown names are errors."""
+    values = _read_config_file(path)
     actions = {action.dest: action for action in parser._actions}
     unknown = sorted(set(values) - set(actions) | ({"config"} & set(values)))
     if unknown:
@@ -172,12 +179,12 @@ def _train(args: argparse.Namespace) -> int:
 
     from .prompts import load_prompts
     from .rewards import load_reward
-    from .trainers import SRPOTrainer
     from .trainers.base import check_output_dir
 
     run = _dataclass_from(args, TrainArguments)
+    trainer_class = trainer_class_for(args.method)
     try:
-        config = _dataclass_from(args, SRPOConfig)
+        config = _dataclass_from(args, trainer_class.config_class)
         dtype = _torch_dtype(run.torch_dtype)
         if config.prompt_file is None:
             raise UsageError("no training prompts: pass --prompt_file (a .txt or .jsonl file)")
@@ -192,12 +199,13 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         pipe = FluxPipeline.from_pretrained(run.model, torch_dtype=dtype)
-        trainer = SRPOTrainer(pipe, reward=load_reward(run.reward), config=config)
+        trainer = trainer_class(pipe, reward=load_reward(run.reward), config=config)
     except (TypeError, ValueError, OSError) as error:
         raise SetupError(str(error)) from None
     trainer.train()
     if trainer.accelerator.is_main_process:
-        print(f"wrote the LoRA, its model card and the config to {os.path.abspath(config.output_dir)}")
+        what = "LoRA" if config.use_lora else "transformer"
+        print(f"{config.method}: wrote the {what}, its model card and the config to {os.path.abspath(config.output_dir)}")
     return 0
 
 
@@ -370,9 +378,10 @@ def _extract_lora(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- entry point
 COMMANDS = {
     "train": (
-        (TrainArguments, SRPOConfig),
+        (TrainArguments,),
         _train,
-        "Train an SRPO LoRA (or full fine-tune); works under `accelerate launch`.",
+        f"Train a LoRA (or full fine-tune) with SRPO or another method (--method: {', '.join(METHODS)}); "
+        "works under `accelerate launch`.",
     ),
     "sample": ((SampleArguments,), _sample, "Generate images with a model and optionally LoRAs, with a grid."),
     "demo": (
@@ -388,11 +397,14 @@ COMMANDS = {
 }
 
 
-def build_parser() -> tuple[_Parser, dict[str, _Parser]]:
+def build_parser(method: str = "srpo") -> tuple[_Parser, dict[str, _Parser]]:
+    """The command line; ``train``'s options are those of ``method``'s config class."""
     parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     subparsers = {}
     for name, (dataclass_types, handler, help_text) in COMMANDS.items():
+        if name == "train":
+            dataclass_types = (*dataclass_types, trainer_class_for(method).config_class)
         subparser = commands.add_parser(
             name, dataclass_types=dataclass_types, help=help_text, description=help_text, prog=f"{PROG} {name}"
         )
@@ -401,18 +413,31 @@ def build_parser() -> tuple[_Parser, dict[str, _Parser]]:
     return parser, subparsers
 
 
+def _train_method(argv: list[str]) -> tuple[str, str | None]:
+    """``train``'s method (from ``--method``, else the config file's ``method``, else srpo) and config file."""
+    prefix = argparse.ArgumentParser(add_help=False)
+    prefix.add_argument("--config")
+    prefix.add_argument("--method")
+    known = prefix.parse_known_args(argv)[0]
+    method = known.method
+    if method is None and known.config and os.path.isfile(known.config):
+        with contextlib.suppress(UsageError):
+            method = _read_config_file(known.config).get("method")
+    method = method or "srpo"
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method, known.config
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, subparsers = build_parser()
     command = argv[0] if argv else None
     try:
-        if command == "train":
+        method, config_file = _train_method(argv[1:]) if command == "train" else ("srpo", None)
+        parser, subparsers = build_parser(method)
+        if config_file:
             # Settings of a config file become the defaults, so that command-line options override them.
-            prefix = argparse.ArgumentParser(add_help=False)
-            prefix.add_argument("--config")
-            config_file = prefix.parse_known_args(argv[1:])[0].config
-            if config_file:
-                subparsers["train"].set_defaults(**_config_file_values(config_file, subparsers["train"]))
+            subparsers["train"].set_defaults(**_config_file_values(config_file, subparsers["train"]))
         args = parser.parse_args(argv)
         return args.handler(args)
     except (UsageError, SetupError) as error:

@@ -181,3 +181,25 @@ class CallableReward(Reward):
             shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise ValueError(f"the reward function must return a tensor of shape [{images.shape[0]}]; got {shape}")
         return scores
+
+
+class PromptTemplateReward(Reward):
+    """``base`` scoring each image against ``template.format(prompt=p)`` instead of the plain prompt ``p``.
+
+    What a plain-reward method uses to aim the reward (``"bright. {prompt}"``, ``"a photo. {prompt}"``) while the
+    generator keeps the plain prompt: SRP's positive word without its negative counterpart.
+    """
+
+    def __init__(self, base: Reward, template: str):
+        super().__init__()
+        if not isinstance(base, Reward):
+            raise TypeError(f"base must be a Reward; got {type(base).__name__}")
+        if not base.uses_text:
+            raise ValueError(f"{type(base).__name__} does not read the prompt, so a prompt template cannot change it")
+        self.base = base
+        self.template = template
+        template.format(prompt="")  # a malformed template fails here, not at the first step
+        self._freeze()
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.base(images, [self.template.format(prompt=p) for p in prompts])

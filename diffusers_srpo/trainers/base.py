@@ -2,9 +2,9 @@
 
 A method (SRPO, its baselines, TailorPO) only writes ``training_step``: the loss of one update,
 returned as a list of micro-step losses (each divided by their number, then back-propagated one
-after another, so that their graphs never live together) that make one optimizer step. Everything else lives here: accelerate, LoRA or full
-fine-tune, prompts and their cached embeddings, checkpoints and exact resume, outputs,
-logging and validation.
+after another, so that their graphs never live together) that make one optimizer step. Everything
+else lives here: accelerate, LoRA or full fine-tune, prompts and their cached embeddings,
+checkpoints and exact resume, outputs, logging and validation.
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ class BaseTrainer:
     """Owns the accelerate setup and the loop; subclasses define ``training_step``."""
 
     config_class = TrainerConfig
-    method_name = "base"
+    #: Name of the settings file written beside the model.
+    config_file_name = "trainer_config.json"
+    #: Whether the method back-propagates through the reward (checked once, before any expensive work).
+    needs_differentiable_reward = True
 
     def __init__(self, pipe, reward=None, prompts=None, config: TrainerConfig | None = None):
         self.config = config if config is not None else self.config_class()
@@ -99,11 +102,29 @@ class BaseTrainer:
         self._setup_models()
         self.setup_method()
 
+    @property
+    def method_name(self) -> str:
+        return self.config.method
+
     # ----------------------------------------------------------------------------------- hooks for methods
     def prepare_reward(self, reward):
-        """Check and wrap the user's reward; called before any expensive work."""
+        """Check and wrap the user's reward; called before any expensive work.
+
+        The default is a plain reward: a :class:`~diffusers_srpo.rewards.Reward` or a callable
+        ``fn(images, prompts) -> Tensor[B]``, scored against ``config.reward_template``.
+        """
+        from ..rewards import CallableReward, PromptTemplateReward, Reward
+
         if reward is None:
             raise ValueError(f"{type(self).__name__} needs a reward, e.g. HPSv2Reward.from_pretrained(path)")
+        if not isinstance(reward, Reward):
+            if not callable(reward):
+                raise TypeError(f"reward must be a Reward or a callable fn(images, prompts) -> Tensor[B], got {type(reward).__name__}")
+            reward = CallableReward(reward)
+        if self.config.reward_template != "{prompt}":
+            reward = PromptTemplateReward(reward, self.config.reward_template)
+        if self.needs_differentiable_reward:
+            self.check_reward_differentiable(reward, reward)
         return reward
 
     def setup_method(self) -> None:
@@ -119,21 +140,21 @@ class BaseTrainer:
     def model_card_details(self) -> dict[str, str]:
         return {}
 
-    def check_reward_differentiable(self, reward_fn: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> None:
-        """Score one small random image and check that a gradient reaches its pixels."""
-        size = getattr(self.reward, "image_size", 64)
+    def check_reward_differentiable(self, reward: torch.nn.Module, reward_fn: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> None:
+        """Score one small random image with ``reward_fn`` and check that a gradient reaches its pixels."""
+        name = type(reward).__name__
+        size = getattr(reward, "image_size", 64)
         images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        images = images.to(_module_device(self.reward)).requires_grad_(True)
+        images = images.to(_module_device(reward)).requires_grad_(True)
         scores = reward_fn(images, self.prompts[:1])
         if not isinstance(scores, torch.Tensor) or scores.shape != (1,):
             raise ValueError(f"the reward must return a tensor of shape [batch], got {getattr(scores, 'shape', type(scores))}")
         if not scores.requires_grad:
-            raise ValueError(f"the reward {type(self.reward).__name__} is not differentiable: its score carries no gradient")
+            raise ValueError(f"the reward {name} is not differentiable: its score carries no gradient ({self.method_name} needs one)")
         scores.sum().backward()
         if images.grad is None or not torch.isfinite(images.grad).all() or not images.grad.abs().sum() > 0:
-            raise ValueError(f"the reward {type(self.reward).__name__} is not differentiable: no gradient reaches the images")
+            raise ValueError(f"the reward {name} is not differentiable: no gradient reaches the images ({self.method_name} needs one)")
 
-    # ----------------------------------------------------------------------------------- checks
     # ----------------------------------------------------------------------------------- setup
     def _setup_models(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -254,6 +275,11 @@ class BaseTrainer:
             latents = latents + (sigma_next - sigma) * velocity
         return latents
 
+    def decode_and_score(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Packed latents -> images -> the reward ``[B]``, differentiable in the latents."""
+        size = self.config.resolution
+        return self.reward(self.adapter.decode(latents, size, size), prompts)
+
     # ----------------------------------------------------------------------------------- checkpoints
     def _save_model_hook(self, models, weights, output_dir):
         if self.accelerator.is_main_process:
@@ -352,6 +378,10 @@ class BaseTrainer:
         self.accelerator.load_state(path)
         with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
             state = json.load(f)
+        if state.get("method", self.method_name) != self.method_name:
+            raise ValueError(
+                f"checkpoint {path!r} was written by method {state['method']!r}; this run's method is {self.method_name!r}"
+            )
         self.global_step = state["global_step"]
         self.history = state.get("history", [])
 
@@ -363,7 +393,7 @@ class BaseTrainer:
         out = self.config.output_dir
         os.makedirs(out, exist_ok=True)
         self._write_model(out)
-        self.config.to_json_file(os.path.join(out, f"{self.method_name}_config.json"))
+        self.config.to_json_file(os.path.join(out, self.config_file_name))
         with open(os.path.join(out, "README.md"), "w") as f:
             f.write(self.model_card())
 
@@ -464,15 +494,18 @@ class BaseTrainer:
         self.model.train()
         for step in self._iterate_steps():
             output = self.training_step(step)
-            # The micro-step losses (SRPO's two branches) accumulate into one update; their graphs are built and
-            # freed one after another. Only the last backward all-reduces the gradients across processes.
-            # (accelerate's own `accumulate` keeps its step count in a process-wide singleton, which a second
-            # trainer built in the same process would overwrite.)
+            # The micro-step losses (SRPO's two branches, TailorPO's steps) accumulate into one update; their graphs
+            # are built and freed one after another. Only the last backward all-reduces the gradients across
+            # processes. (accelerate's own `accumulate` keeps its step count in a process-wide singleton, which a
+            # second trainer built in the same process would overwrite.)
+            loss_fns = output.losses
+            if not loss_fns:
+                raise RuntimeError(f"{type(self).__name__}.training_step returned no loss for step {step}")
             loss_values = []
-            for index, loss_fn in enumerate(output.losses):
-                is_last = index == len(output.losses) - 1
+            for index, loss_fn in enumerate(loss_fns):
+                is_last = index == len(loss_fns) - 1
                 with contextlib.nullcontext() if is_last else accelerator.no_sync(self.model):
-                    loss = loss_fn() / len(output.losses)
+                    loss = loss_fn() / len(loss_fns)
                     accelerator.backward(loss)
                 loss_values.append(loss.detach().item())
             if config.max_grad_norm > 0:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 _X0_SOURCES = ("rollout", "dataset")
 _WORD_SCHEDULES = ("cycle", "fixed")
+_GUIDANCE_GRADIENTS = ("model", "fixed")
+_LOG_PROB_REDUCTIONS = ("mean", "sum")
+# TailorPO's paper gives no beta; D3PO's (the trajectory-level DPO it builds on) with its mean log-probability.
+BETA_DEFAULT = 0.1
+GUIDANCE_ETA_DEFAULT = 0.1
 
 
 def _help(text: str, **extra) -> dict[str, Any]:
@@ -17,8 +23,20 @@ def _help(text: str, **extra) -> dict[str, Any]:
 
 @dataclass
 class TrainerConfig:
-    """Settings shared by every trainer of the family: run layout, optimisation, LoRA, checkpoints, logging."""
+    """Settings shared by every trainer of the family: run layout, optimisation, LoRA, checkpoints, logging.
 
+    Each subclass is the configuration of one trainer and names the ``methods`` it accepts in ``method``.
+    """
+
+    methods: ClassVar[tuple[str, ...]] = ()
+
+    method: str = field(
+        default="",
+        metadata=_help(
+            "Training method: srpo, direct-align (SRPOTrainer); refl (ReFLTrainer); draft (DRaFTTrainer); "
+            "tailorpo, tailorpo-g, trajectory-dpo (TailorPOTrainer)."
+        ),
+    )
     # Run layout
     output_dir: str = field(default="srpo-output", metadata=_help("Where the LoRA (or full model), checkpoints and logs go."))
     overwrite_output_dir: bool = field(
@@ -76,7 +94,17 @@ class TrainerConfig:
     resolution: int = field(default=720, metadata=_help("Training image height and width in pixels."))
     rollout_steps: int = field(default=25, metadata=_help("Euler steps of the online rollout that makes x0."))
     rollout_guidance: float = field(default=1.0, metadata=_help("FLUX distilled guidance during the rollout."))
-    train_guidance: float = field(default=3.5, metadata=_help("FLUX distilled guidance in the training forward."))
+    train_guidance: float = field(
+        default=3.5,
+        metadata=_help("FLUX distilled guidance in Direct-Align's training forward (the other methods train sampler steps: rollout_guidance)."),
+    )
+    reward_template: str = field(
+        default="{prompt}",
+        metadata=_help(
+            "How a prompt is written for the reward only, e.g. 'bright. {prompt}' (the generator keeps the plain "
+            "prompt). Methods with a plain reward use it; SRPO adds its control words instead."
+        ),
+    )
 
     # Checkpoints, logging, validation
     checkpointing_steps: int = field(default=100, metadata=_help("Save a resumable checkpoint every N updates; 0: never."))
@@ -96,6 +124,8 @@ class TrainerConfig:
     validation_seed: int = field(default=0, metadata=_help("Seed of the validation noise (fixed across the run)."))
 
     def __post_init__(self):
+        if self.method not in self.methods:
+            raise ValueError(f"method must be one of {self.methods} for {type(self).__name__}, got {self.method!r}")
         positive = {
             "max_train_steps": self.max_train_steps,
             "train_batch_size": self.train_batch_size,
@@ -138,6 +168,12 @@ class TrainerConfig:
             raise ValueError(f"lr_scheduler must be one of {schedules}, got {self.lr_scheduler!r}")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one module, got an empty list")
+        try:
+            fields_named = [name for _, name, _, _ in string.Formatter().parse(self.reward_template) if name is not None]
+        except ValueError:  # unbalanced braces
+            fields_named = None
+        if fields_named != ["prompt"]:
+            raise ValueError(f"reward_template must contain '{{prompt}}' once and no other field, got {self.reward_template!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,15 +192,38 @@ class TrainerConfig:
 
 
 @dataclass
-class SRPOConfig(TrainerConfig):
-    """Direct-Align + Semantic Relative Preference (../SPEC.md sections 1-2); defaults from the reference."""
+class RewardLossConfig(TrainerConfig):
+    """Methods that back-propagate a differentiable reward and minimise a ReFL-style hinge on it."""
 
+    hinge_threshold: float = field(
+        default=0.7,
+        metadata=_help("Loss: mean(relu(threshold - reward)); for rewards under the threshold it is -reward + const."),
+    )
+
+
+@dataclass
+class SRPOConfig(RewardLossConfig):
+    """Direct-Align + Semantic Relative Preference (../SPEC.md sections 1-2); defaults from the reference.
+
+    ``method="direct-align"`` is the same Direct-Align machinery with the plain reward (written with
+    ``reward_template``) instead of SRP, and the denoise branch alone.
+    """
+
+    methods: ClassVar[tuple[str, ...]] = ("srpo", "direct-align")
+
+    method: str = field(
+        default="srpo", metadata=_help("'srpo' (SRP reward) or 'direct-align' (the plain reward, no SRP).")
+    )
     train_window_start: int = field(
         default=5, metadata=_help("First index of the training window on the 50-step training grid (0 is pure noise).")
     )
     train_window_end: int = field(default=25, metadata=_help("Last index of the training window on the 50-step grid."))
-    use_inversion: bool = field(
-        default=True, metadata=_help("Train the inversion branch too (SRP with swapped words, the bias regulariser).")
+    use_inversion: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Train the inversion branch too (SRP with swapped words, the bias regulariser); default on for srpo. "
+            "direct-align has no words to swap, so it trains the denoise branch alone."
+        ),
     )
     positive_words: list[str] | None = field(
         default=None, metadata=_help("Positive control words of SRP; default: the reference's list.")
@@ -174,8 +233,6 @@ class SRPOConfig(TrainerConfig):
     )
     word_schedule: str = field(
         default="cycle", metadata=_help("'cycle': the control words change with the step, as in the reference; 'fixed'.")
-    )
-    hinge_threshold: float = field(default=0.7, metadata=_help("Loss per branch: mean(relu(threshold - reward)).")
     )
     x0_source: str = field(
         default="rollout",
@@ -188,6 +245,21 @@ class SRPOConfig(TrainerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.use_inversion is None:
+            self.use_inversion = self.method == "srpo"
+        if self.method == "direct-align":
+            if self.use_inversion:
+                raise ValueError(
+                    "use_inversion=True needs SRP's control words to swap; method 'direct-align' uses the plain reward: "
+                    "use method='srpo' or use_inversion=False"
+                )
+            if self.positive_words is not None or self.negative_words is not None:
+                raise ValueError("positive_words/negative_words are SRP's; method 'direct-align' uses reward_template instead")
+        elif self.reward_template != "{prompt}":
+            raise ValueError(
+                f"reward_template={self.reward_template!r} is for plain-reward methods; SRPO writes its control words "
+                "with positive_words/negative_words"
+            )
         if not 0 <= self.train_window_start < self.train_window_end <= 50:
             raise ValueError(
                 "train_window_start/train_window_end must satisfy 0 <= start < end <= 50, "
@@ -203,3 +275,152 @@ class SRPOConfig(TrainerConfig):
             raise ValueError(f"x0_source must be one of {_X0_SOURCES}, got {self.x0_source!r}")
         if self.x0_source == "dataset" and not self.image_folder:
             raise ValueError("x0_source='dataset' needs image_folder, got None")
+
+
+def _check_fraction_window(name: str, start: float, end: float) -> None:
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"{name}_start/{name}_end must satisfy 0 <= start < end <= 1, got ({start!r}, {end!r})")
+
+
+@dataclass
+class ReFLConfig(RewardLossConfig):
+    """ReFL (Xu et al. 2023, ImageReward): one gradient step at a late timestep of the sampler (SPEC section 3).
+
+    The rollout runs without gradient to a step drawn from the window; one transformer forward with gradient
+    gives the model-only clean estimate ``x - sigma * v``, which is decoded and scored.
+    """
+
+    methods: ClassVar[tuple[str, ...]] = ("refl",)
+
+    method: str = field(default="refl", metadata=_help("'refl'."))
+    refl_window_start: float = field(
+        default=0.75,
+        metadata=_help(
+            "The gradient step is drawn uniformly from the rollout steps i with start <= i / rollout_steps < end "
+            "(ImageReward: steps 30-39 of 40, i.e. [0.75, 1.0))."
+        ),
+    )
+    refl_window_end: float = field(default=1.0, metadata=_help("End (excluded) of the ReFL window, a fraction of the rollout."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_fraction_window("refl_window", self.refl_window_start, self.refl_window_end)
+        if not self.refl_steps():
+            raise ValueError(
+                f"the ReFL window [{self.refl_window_start}, {self.refl_window_end}) holds no step of a "
+                f"{self.rollout_steps}-step rollout: widen it or raise rollout_steps"
+            )
+
+    def refl_steps(self) -> list[int]:
+        """The rollout step indices the gradient step is drawn from."""
+        n = self.rollout_steps
+        return [i for i in range(n) if self.refl_window_start <= i / n < self.refl_window_end]
+
+
+@dataclass
+class DRaFTConfig(RewardLossConfig):
+    """DRaFT-K (Clark et al. 2024): back-propagate the reward through the last K sampler steps (SPEC section 3).
+
+    ``draft_k=1`` is DRaFT-1; ``draft_k=0`` (or ``rollout_steps``) the full chain, as AlignProp. With
+    ``gradient_checkpointing`` each step with gradient is checkpointed as a whole, so only the latents between
+    steps are kept and the chain's memory does not grow with the transformer's activations.
+    """
+
+    methods: ClassVar[tuple[str, ...]] = ("draft",)
+
+    method: str = field(default="draft", metadata=_help("'draft'."))
+    draft_k: int = field(
+        default=1, metadata=_help("Sampler steps the gradient goes through (the last K); 0: all of them (full chain).")
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.draft_k, bool) or not isinstance(self.draft_k, int) or not 0 <= self.draft_k <= self.rollout_steps:
+            raise ValueError(f"draft_k must be an integer in [0, rollout_steps={self.rollout_steps}], got {self.draft_k!r}")
+
+    @property
+    def gradient_steps(self) -> int:
+        """K, with 0 resolved to every rollout step."""
+        return self.draft_k or self.rollout_steps
+
+
+@dataclass
+class TailorPOConfig(TrainerConfig):
+    """TailorPO (Ren et al. 2025): DPO on intermediate steps ranked by their step-wise reward (SPEC section 4).
+
+    ``tailorpo-g`` adds gradient guidance to the preferred sample; ``trajectory-dpo`` is the baseline TailorPO
+    argues against: two trajectories ranked by their FINAL images, every step labelled by that ranking.
+    The sampler is the flow SDE of ``diffusers_srpo.flow_sde`` along the rollout schedule (``rollout_steps``).
+    """
+
+    methods: ClassVar[tuple[str, ...]] = ("tailorpo", "tailorpo-g", "trajectory-dpo")
+
+    method: str = field(
+        default="tailorpo",
+        metadata=_help("'tailorpo', 'tailorpo-g' (with gradient guidance) or 'trajectory-dpo' (pairs ranked by final images)."),
+    )
+    beta: float = field(default=BETA_DEFAULT, metadata=_help("DPO beta: the scale of the log-ratio difference in the loss."))
+    noise_level: float = field(
+        default=0.7, metadata=_help("a of the flow SDE: std = a * sqrt(sigma / (1 - sigma)) (Flow-GRPO's 0.7).")
+    )
+    log_prob_reduction: str = field(
+        default="mean",
+        metadata=_help(
+            "'mean': log pi per latent element (DDPO, D3PO, Flow-GRPO), so beta does not depend on the resolution; "
+            "'sum': the full log-density."
+        ),
+    )
+    preference_window_start: float = field(
+        default=0.0,
+        metadata=_help(
+            "Steps i with start <= i / rollout_steps < end draw a pair and are ranked; the others take the ODE step."
+        ),
+    )
+    preference_window_end: float = field(default=1.0, metadata=_help("End (excluded) of the ranked steps."))
+    trained_step_fraction: float = field(
+        default=1.0,
+        metadata=_help("Fraction of the ranked steps (drawn per update, at least one) whose DPO loss enters the update."),
+    )
+    tie_threshold: float = field(
+        default=1e-4,
+        metadata=_help("Pairs whose reward gap is at most this are skipped (ties carry no preference); counted in the logs."),
+    )
+    guidance_eta: float = field(
+        default=GUIDANCE_ETA_DEFAULT,
+        metadata=_help("tailorpo-g: step size eta of x_w + eta * grad_x r(x0_hat(x_w))."),
+    )
+    guidance_gradient: str = field(
+        default="model",
+        metadata=_help(
+            "tailorpo-g: 'model' differentiates the step-wise reward through the model's x0 estimate (exact, one "
+            "transformer backward more); 'fixed' holds the velocity fixed (x0_hat = x - sigma * v, gradient identity)."
+        ),
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta!r}")
+        if not self.noise_level > 0:
+            raise ValueError(f"noise_level must be > 0 (0 makes the sampler deterministic: no density), got {self.noise_level!r}")
+        if self.log_prob_reduction not in _LOG_PROB_REDUCTIONS:
+            raise ValueError(f"log_prob_reduction must be one of {_LOG_PROB_REDUCTIONS}, got {self.log_prob_reduction!r}")
+        _check_fraction_window("preference_window", self.preference_window_start, self.preference_window_end)
+        if not self.ranked_steps():
+            raise ValueError(
+                f"the preference window [{self.preference_window_start}, {self.preference_window_end}) holds no step "
+                f"of a {self.rollout_steps}-step rollout: widen it or raise rollout_steps"
+            )
+        if not 0 < self.trained_step_fraction <= 1:
+            raise ValueError(f"trained_step_fraction must be in (0, 1], got {self.trained_step_fraction!r}")
+        if self.tie_threshold < 0:
+            raise ValueError(f"tie_threshold must be >= 0, got {self.tie_threshold!r}")
+        if self.guidance_eta < 0:
+            raise ValueError(f"guidance_eta must be >= 0, got {self.guidance_eta!r}")
+        if self.guidance_gradient not in _GUIDANCE_GRADIENTS:
+            raise ValueError(f"guidance_gradient must be one of {_GUIDANCE_GRADIENTS}, got {self.guidance_gradient!r}")
+
+    def ranked_steps(self) -> list[int]:
+        """The rollout step indices that draw a pair."""
+        n = self.rollout_steps
+        return [i for i in range(n) if self.preference_window_start <= i / n < self.preference_window_end]

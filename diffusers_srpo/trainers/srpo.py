@@ -21,10 +21,13 @@ class SRPOTrainer(BaseTrainer):
     ``reward`` is a CLIP-like reward (``HPSv2Reward``, ``PickScoreReward``, ``CLIPReward``), wrapped in
     ``SemanticRelativeReward`` with the config's control words, or an already built
     ``SemanticRelativeReward``. ``prompts`` is a list, a .txt or a .jsonl path.
+
+    With ``SRPOConfig(method="direct-align")`` the same Direct-Align step scores the plain reward (any
+    differentiable reward, written with ``reward_template``) on the denoise branch: the ablation without SRP.
     """
 
     config_class = SRPOConfig
-    method_name = "srpo"
+    config_file_name = "srpo_config.json"
 
     def __init__(self, pipe, reward=None, prompts=None, config: SRPOConfig | None = None):
         super().__init__(pipe, reward=reward, prompts=prompts, config=config)
@@ -33,9 +36,15 @@ class SRPOTrainer(BaseTrainer):
             self.image_paths, self.prompts = _image_folder(self.config.image_folder, self.prompts)
 
     # ----------------------------------------------------------------------------------- method hooks
+    @property
+    def uses_srp(self) -> bool:
+        return self.config.method == "srpo"
+
     def prepare_reward(self, reward):
         from ..rewards import CLIPLikeReward, SemanticRelativeReward
 
+        if not self.uses_srp:
+            return super().prepare_reward(reward)
         if reward is None:
             raise ValueError("SRPOTrainer needs a reward: pass reward=HPSv2Reward.from_pretrained(path) or another CLIP-like reward")
         if isinstance(reward, SemanticRelativeReward):
@@ -49,8 +58,7 @@ class SRPOTrainer(BaseTrainer):
                 "SRPO scores images against control words, so it needs a CLIP-like reward "
                 f"(HPSv2Reward, PickScoreReward, CLIPReward or a CLIPLikeReward subclass), got {type(reward).__name__}"
             )
-        self.reward = srp
-        self.check_reward_differentiable(lambda images, prompts: srp(images, prompts))
+        self.check_reward_differentiable(srp, lambda images, prompts: srp(images, prompts))
         return srp
 
     def scheduler_overrides(self) -> dict:
@@ -61,12 +69,15 @@ class SRPOTrainer(BaseTrainer):
         }
 
     def model_card_details(self) -> dict[str, str]:
+        window = {"training window": f"[{self.config.train_window_start}, {self.config.train_window_end}] of 50"}
+        if not self.uses_srp:
+            return {"reward": type(self.reward).__name__, "reward template": self.config.reward_template, **window}
         srp = self.reward
         return {
             "reward": type(srp.base).__name__,
             "positive control words": ", ".join(srp.positive_words),
             "negative control words": ", ".join(srp.negative_words),
-            "training window": f"[{self.config.train_window_start}, {self.config.train_window_end}] of 50",
+            **window,
             "inversion branch": "on" if self.config.use_inversion else "off",
         }
 
@@ -112,7 +123,10 @@ class SRPOTrainer(BaseTrainer):
                         velocity.float(), noisy.float(), sigma_from, sigma_to, noise.float(), size, size
                     )
                     images = self.adapter.decode_vae_input(vae_input)
-                    scores = self.reward(images, prompts, k=discount, swap=swap, step=step)
+                    if self.uses_srp:
+                        scores = self.reward(images, prompts, k=discount, swap=swap, step=step)
+                    else:
+                        scores = self.reward(images, prompts)
                 loss = torch.relu(config.hinge_threshold - scores).mean()
                 logs[f"reward_{name}"] = scores.detach().mean().item()
                 if name == "denoise":
