@@ -69,7 +69,7 @@ EVALUATION_SEED_BASE = 10_000  # evaluation noises: the same whatever the traini
 # Reward-hacking flag margins.
 FRACTION_MARGIN = 0.05  # the targeted oracle fraction must rise by more than this when the reward rises
 ACCURACY_MARGIN = 0.10  # colour or shape accuracy falling by more than this is hacking
-REWARD_MARGIN = 0.01  # a reward change under this (reward units) counts as flat
+REWARD_MARGIN = 0.05  # a change of the own evaluation reward under this (reward units) counts as flat
 
 
 class UsageError(Exception):
@@ -84,14 +84,22 @@ class OneLineParser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------- settings
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", help=f"Methods to compare (default: all): {', '.join(METHOD_VARIANTS)}.")
+    parser.add_argument(
+        "--methods", nargs="+", help=f"Methods to compare (default: all): {', '.join(METHOD_VARIANTS)}."
+    )
     parser.add_argument("--steps", type=int, help="Updates per method (default 25).")
-    parser.add_argument("--seeds", type=int, nargs="+", help="Training seeds; each method runs once per seed (default 0).")
-    parser.add_argument("--learning-rate", type=float, help=f"AdamW learning rate of every method (default {DEFAULT_LEARNING_RATE}).")
-    parser.add_argument("--eval-seeds", type=int, help="Evaluation noises per prompt (default 4).")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="Training seeds; each method runs once per seed (default 0)."
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, help=f"AdamW learning rate of every method (default {DEFAULT_LEARNING_RATE})."
+    )
+    parser.add_argument("--eval-seeds", type=int, help="Evaluation noises per prompt (default 8).")
     parser.add_argument("--output-dir", help="Where results go (default benchmarks/results/compare_methods).")
     parser.add_argument("--threads", type=int, help="torch threads per run (default 1: fastest on a shared CPU).")
-    parser.add_argument("--config", help="YAML (or JSON) file: model, reward, prompts, trainer settings, per-method overrides.")
+    parser.add_argument(
+        "--config", help="YAML (or JSON) file: model, reward, prompts, trainer settings, per-method overrides."
+    )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: the child's job file
     return parser
 
@@ -115,7 +123,7 @@ def load_file_config(path: str) -> dict:
         raise UsageError(f"--config {path!r}: expected a mapping of settings, got {type(data).__name__}")
     known = {
         "model", "torch_dtype", "reward", "prompts", "held_out_prompts", "positive_word", "negative_word", "trainer",
-        "methods", "run", "steps", "seeds", "learning_rate", "eval_seeds", "threads", "output_dir",
+        "methods", "run", "steps", "seeds", "learning_rate", "eval_seeds", "eval_batch_size", "threads", "output_dir",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
@@ -146,6 +154,15 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
     model = file_config.get("model")  # None: the toy world
     toy = model is None
+    torch_dtype = file_config.get("torch_dtype", "float32" if toy else "bfloat16")
+    if torch_dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"config 'torch_dtype' must be float32, bfloat16 or float16, got {torch_dtype!r}")
+    if not toy and not isinstance(file_config.get("reward"), str):
+        raise UsageError(
+            "a config with 'model' needs 'reward', a load_reward spec such as 'hpsv2:/path/HPS_v2.1_compressed.pt'"
+        )
+    if toy and "reward" in file_config:
+        raise UsageError("config 'reward' needs 'model' too (the toy world brings its own reward)")
     variants = dict(METHOD_VARIANTS)
     extra = file_config.get("methods") or {}
     if not isinstance(extra, dict):
@@ -165,13 +182,23 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
     steps = pick("steps", 25)
     seeds = pick("seeds", [0])
-    eval_seeds = pick("eval_seeds", 4)
+    eval_seeds = pick("eval_seeds", 8)
+    eval_batch_size = file_config.get("eval_batch_size", 16)
     threads = pick("threads", 1)
     learning_rate = pick("learning_rate", DEFAULT_LEARNING_RATE)
-    for name, value in (("steps", steps), ("eval-seeds", eval_seeds), ("threads", threads)):
+    for name, value in (
+        ("steps", steps),
+        ("eval-seeds", eval_seeds),
+        ("threads", threads),
+        ("eval_batch_size", eval_batch_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {value!r}")
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise UsageError(f"--seeds must be one or more integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must differ, got {seeds}")
@@ -189,7 +216,11 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         except ValueError as error:
             raise UsageError(str(error)) from None
         all_prompts = list(CONTENT_PROMPTS)
-        trainer_settings = {**TOY_TRAINER_SETTINGS, "resolution": IMAGE_SIZE, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+        trainer_settings = {
+            **TOY_TRAINER_SETTINGS,
+            "resolution": IMAGE_SIZE,
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        }
     else:
         all_prompts = None
         trainer_settings = {}
@@ -214,7 +245,9 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     for reserved in ("method", "output_dir", "seed", "reward_template", "positive_words", "negative_words"):
         trainer_settings.pop(reserved, None)
 
-    output_dir = os.path.abspath(pick("output_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compare_methods")))
+    output_dir = os.path.abspath(
+        pick("output_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compare_methods"))
+    )
     runs = []
     for name in run:
         base_method, overrides = variants[name]
@@ -232,7 +265,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
             runs.append({"name": name, "method": base_method, "seed": seed, "fields": fields_seed})
     return {
         "model": model,
-        "torch_dtype": file_config.get("torch_dtype", "float32" if toy else "bfloat16"),
+        "torch_dtype": torch_dtype,
+        "eval_batch_size": eval_batch_size,
         "reward": file_config.get("reward"),
         "toy": toy,
         "positive_word": positive,
@@ -278,7 +312,14 @@ def evaluate(trainer, base_reward, job: dict) -> dict:
         srp = SemanticRelativeReward(base_reward, [positive], [negative], word_schedule="fixed")
     numbers: dict[str, float] = {}
     with torch.no_grad():
-        images = torch.cat([trainer.generate_images(prompts, seed) for seed in job["evaluation_seeds"]])
+        chunk = job["eval_batch_size"]
+        images = torch.cat(
+            [
+                trainer.generate_images(prompts[start : start + chunk], seed)
+                for seed in job["evaluation_seeds"]
+                for start in range(0, len(prompts), chunk)
+            ]
+        )
         all_prompts = prompts * len(job["evaluation_seeds"])
         held = is_held_out.repeat(len(job["evaluation_seeds"]))
         templated = base_reward(images, [f"{positive}. {p}" for p in all_prompts]).float().cpu()
@@ -297,8 +338,12 @@ def evaluate(trainer, base_reward, job: dict) -> dict:
             attribute = style_attribute_of(positive)
             target = (predicted[attribute].cpu() == ATTRIBUTE_VALUES[attribute].index(positive)).float()
             words = [p.split() for p in all_prompts]  # "a red circle"
-            colour = torch.tensor([ATTRIBUTE_VALUES["colour"][int(c)] == w[1] for c, w in zip(predicted["colour"], words, strict=True)])
-            shape = torch.tensor([ATTRIBUTE_VALUES["shape"][int(s)] == w[2] for s, w in zip(predicted["shape"], words, strict=True)])
+            colour = torch.tensor(
+                [ATTRIBUTE_VALUES["colour"][int(c)] == w[1] for c, w in zip(predicted["colour"], words, strict=True)]
+            )
+            shape = torch.tensor(
+                [ATTRIBUTE_VALUES["shape"][int(s)] == w[2] for s, w in zip(predicted["shape"], words, strict=True)]
+            )
             numbers["oracle_target_fraction"] = target.mean().item()
             numbers["oracle_target_fraction_held_out"] = target[held].mean().item()
             numbers["oracle_colour_accuracy"] = colour.float().mean().item()
@@ -344,8 +389,10 @@ def run_one(job: dict) -> dict:
         stamps.append(time.perf_counter())
 
     result["rss_before_train_mib"] = _peak_rss_mib()
+    memory_before_train = 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        memory_before_train = torch.cuda.memory_allocated(device) / 2**20
     sync()
     train_start = time.perf_counter()
     history = trainer.train(on_update=on_update)
@@ -353,9 +400,11 @@ def run_one(job: dict) -> dict:
     if device.type == "cuda":
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         result["peak_memory_kind"] = "cuda max_memory_allocated"
+        result["train_memory_mib"] = result["peak_memory_mib"] - memory_before_train
     else:
         result["peak_memory_mib"] = _peak_rss_mib()
         result["peak_memory_kind"] = "peak RSS of the process"
+        result["train_memory_mib"] = result["peak_memory_mib"] - result["rss_before_train_mib"]
     deltas = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     result["first_update_s"] = stamps[0] - train_start  # includes the prompt encoding and the first graph build
     result["update_s"] = statistics.median(deltas) if deltas else result["first_update_s"]
@@ -383,7 +432,7 @@ def hacking_flag(own_reward_delta: float, after: dict, before: dict) -> tuple[bo
             reasons.append(f"{label} {-drop:+.2f}")
     if reasons:
         return True, "; ".join(reasons)
-    return False, "no" if rose else "no (reward flat/down)"
+    return False, "" if rose else "reward flat/down"
 
 
 def own_reward_key(method: str) -> str:
@@ -415,6 +464,7 @@ def summarise(settings: dict, before: dict, results: dict) -> dict:
             "update_s": _stats([r["update_s"] for r in runs]),
             "first_update_s": _stats([r["first_update_s"] for r in runs]),
             "peak_memory_mib": _stats([r["peak_memory_mib"] for r in runs]),
+            "train_memory_mib": _stats([r["train_memory_mib"] for r in runs]),
             "train_reward_first": _stats([statistics.fmean(c[:window]) for c in rewards]),
             "train_reward_last": _stats([statistics.fmean(c[-window:]) for c in rewards]),
             "train_reward_window": window,
@@ -456,7 +506,7 @@ def markdown_table(settings: dict, before: dict, summary: dict) -> str:
         row = [
             name,
             _fmt(entry["update_s"], 3, spread),
-            _fmt(entry["peak_memory_mib"], 0, spread),
+            _fmt(entry["peak_memory_mib"], 0, spread) + f" (+{entry['train_memory_mib']['mean']:.0f})",
             f"{_fmt(entry['train_reward_first'], 3, spread)} -> {_fmt(entry['train_reward_last'], 3, spread)}",
             f"{before['reward_held_out']:.3f} -> {_fmt(after['reward_held_out'], 3, spread)}",
         ]
@@ -467,12 +517,22 @@ def markdown_table(settings: dict, before: dict, summary: dict) -> str:
                 row.append(f"{before[key]:.2f} -> {_fmt(after[key], 2, spread)}")
             runs = entry["runs"]
             if entry["hacking_runs"]:
-                reasons = "; ".join(sorted(set(w for w in entry["hacking_reasons"] if not w.startswith("no"))))
-                row.append(f"**YES** {entry['hacking_runs']}/{runs} ({reasons})")
+                row.append(f"**YES** {entry['hacking_runs']}/{runs} ({hacking_reasons(entry)})")
             else:
-                row.append(f"no ({entry['hacking_reasons'][0]})" if runs == 1 and entry["hacking_reasons"][0] != "no" else "no")
+                why = hacking_reasons(entry)
+                row.append(f"no ({why})" if why else "no")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def hacking_reasons(entry: dict) -> str:
+    """The distinct reasons of the runs, with the count of runs giving each when there are several runs."""
+    reasons = [why for why in entry["hacking_reasons"] if why]
+    if entry["runs"] == 1:
+        return reasons[0] if reasons else ""
+    if entry["hacking_runs"]:
+        return "; ".join(why for why in reasons if why != "reward flat/down")
+    return f"reward flat/down in {len(reasons)}/{entry['runs']}" if reasons else ""
 
 
 def time_ratios(summary: dict) -> dict:
@@ -483,6 +543,14 @@ def time_ratios(summary: dict) -> dict:
         if "update_s" in full and "update_s" in entry:
             ratios[f"draft-full/{other}"] = full["update_s"]["mean"] / entry["update_s"]["mean"]
     return ratios
+
+
+SMOOTHING = 5
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and up to ``window - 1`` values before it."""
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def plot(settings: dict, before: dict, summary: dict, path: str) -> None:
@@ -501,10 +569,16 @@ def plot(settings: dict, before: dict, summary: dict, path: str) -> None:
         (axes[1], plain_names, f"training reward of '{settings['positive_word']}. {{prompt}}'"),
     ):
         for name in group:
+            # One prompt and one noise per update: the raw curve jumps with the prompt drawn; a running mean shows
+            # the trend (raw curve faint, same colour).
             curve = summary[name]["train_reward_curve_mean"]
-            axis.plot(range(1, len(curve) + 1), curve, label=name, alpha=0.8)
-        axis.set_xlabel("update")
-        axis.set_title(title + (f", mean of {len(settings['seeds'])} seeds" if len(settings["seeds"]) > 1 else ""), fontsize=9)
+            steps = range(1, len(curve) + 1)
+            (line,) = axis.plot(steps, running_mean(curve, SMOOTHING), label=name)
+            axis.plot(steps, curve, color=line.get_color(), alpha=0.15)
+        axis.set_xlabel(f"update (running mean of {SMOOTHING})")
+        axis.set_title(
+            title + (f", mean of {len(settings['seeds'])} seeds" if len(settings["seeds"]) > 1 else ""), fontsize=9
+        )
         if group:
             axis.legend(fontsize=7)
     if settings["toy"]:
@@ -517,7 +591,9 @@ def plot(settings: dict, before: dict, summary: dict, path: str) -> None:
         axis.set_xticks(list(xs))
         axis.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         axis.set_ylim(0, 1.05)
-        axis.set_title(f"oracle: unprompted '{settings['positive_word']}' fraction (never seen by the reward)", fontsize=9)
+        axis.set_title(
+            f"oracle: unprompted '{settings['positive_word']}' fraction (never seen by the reward)", fontsize=9
+        )
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -530,13 +606,19 @@ def run_child(job: dict, workdir: str) -> dict:
         json.dump(job, f)
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--run-one", job_path], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--run-one", job_path], capture_output=True, text=True, env=env
+    )
     wall = time.perf_counter() - started
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # max over the children so far
     result_path = job_path.replace(".job.json", ".result.json")
     if proc.returncode != 0 or not os.path.isfile(result_path):
         tail = (proc.stderr or proc.stdout).strip().splitlines()
-        return {"error": tail[-1] if tail else f"exit {proc.returncode}", "stderr_tail": "\n".join(tail[-30:]), "wall_s": wall}
+        return {
+            "error": tail[-1] if tail else f"exit {proc.returncode}",
+            "stderr_tail": "\n".join(tail[-30:]),
+            "wall_s": wall,
+        }
     with open(result_path) as f:
         result = json.load(f)
     result["wall_s"] = wall
@@ -554,7 +636,10 @@ def compare(settings: dict) -> int:
         for run in settings["runs"]:
             job = {
                 **{k: settings[k] for k in ("model", "torch_dtype", "reward", "toy", "positive_word", "negative_word")},
-                **{k: settings[k] for k in ("train_prompts", "held_out_prompts", "evaluation_seeds", "threads")},
+                **{
+                    k: settings[k]
+                    for k in ("train_prompts", "held_out_prompts", "evaluation_seeds", "eval_batch_size", "threads")
+                },
                 **run,
                 "measure_before": before is None,  # the base model is the same for every run: measured once
             }
@@ -588,7 +673,12 @@ def compare(settings: dict) -> int:
         f"Train prompts: {len(settings['train_prompts'])}; held-out prompts: {settings['held_out_prompts']}; evaluation "
         f"noises: seeds {settings['evaluation_seeds']} per prompt (fixed, independent of the training seed).",
         "s/update: median over the updates after the first. Peak MiB: "
-        + ("CUDA max_memory_allocated during training." if "cuda" in " ".join(devices) else "peak RSS of the run's own process (model, rewards, python and torch included)."),
+        + (
+            "CUDA max_memory_allocated during training (+ the part above what was allocated before training)."
+            if "cuda" in " ".join(devices)
+            else "peak RSS of the run's own process, model, rewards, python and torch included (+ the rise during "
+            "training above the peak before it)."
+        ),
         f"Train reward first->last: each method's own training reward (SRP for srpo variants, the plain reward of "
         f"'{settings['positive_word']}. {{prompt}}' otherwise), mean of the first/last "
         f"{max(1, min(5, settings['steps'] // 2))} updates. Held-out reward: the plain reward of "

@@ -17,3 +17,12 @@ def tiny_pipe():
     from diffusers_srpo.testing import tiny_flux_pipeline
 
     return tiny_flux_pipeline(seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the toy world's small matmuls run fastest so), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

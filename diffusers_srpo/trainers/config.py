@@ -12,9 +12,11 @@ _X0_SOURCES = ("rollout", "dataset")
 _WORD_SCHEDULES = ("cycle", "fixed")
 _GUIDANCE_GRADIENTS = ("model", "fixed")
 _LOG_PROB_REDUCTIONS = ("mean", "sum")
-# TailorPO's paper gives no beta; D3PO's (the trajectory-level DPO it builds on) with its mean log-probability.
+# The stored TailorPO text gives no beta; D3PO's (the trajectory-level DPO it builds on), with its mean log-probability.
 BETA_DEFAULT = 0.1
-GUIDANCE_ETA_DEFAULT = 0.1
+# The guidance step is raw (x + eta * grad), so eta depends on the reward's scale. On the toy world's CLIP reward,
+# eta = 1 raises a preferred sample's step-wise reward by about as much as the pair's own gap (0.01-0.07).
+GUIDANCE_ETA_DEFAULT = 1.0
 
 
 def _help(text: str, **extra) -> dict[str, Any]:
