@@ -142,12 +142,20 @@ def test_help_lists_every_option_with_its_help():
         (["demo", "--positive_word", "bright", "--negative_word", "grainy"], "name different styles"),
         (["extract-lora", "--output_dir", "out"], "--tuned is required"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["train", "--method", "dpo"], "--method must be one of srpo, direct-align, refl, draft, tailorpo"),
+        (["train", "--method", "refl", "--draft_k", "2"], "unrecognized arguments: --draft_k"),
+        (["train", "--method", "draft", "--prompt_file", "p.txt", "--draft_k", "99"], "draft_k must be an integer"),
+        (["train", "--config", "draft.yaml", "--prompt_file", "p.txt"], "draft_k must be an integer"),
+        (["train", "--method", "srpo", "--config", "draft.yaml"], "unknown settings: draft_k"),
+        (["train", "--method", "direct-align", "--prompt_file", "p.txt", "--use_inversion", "true"], "use_inversion"),
+        (["train", "--method", "tailorpo", "--prompt_file", "p.txt", "--beta", "0"], "beta must be > 0"),
     ],
 )
 def test_bad_command_lines_fail_with_one_line_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.txt").write_text("a red circle\n")
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
+    (tmp_path / "draft.yaml").write_text("method: draft\ndraft_k: -3\n")
     before = sorted(os.listdir(tmp_path))
     try:
         status = main(argv)
@@ -158,6 +166,42 @@ def test_bad_command_lines_fail_with_one_line_and_write_nothing(argv, message, t
     assert len(err.splitlines()) == 1 and message in err, err
     assert err.startswith("diffusers-srpo")
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_help_of_each_method_lists_its_own_options():
+    from diffusers_srpo.trainers import METHODS
+
+    for method, trainer_class in METHODS.items():
+        _, subparsers = build_parser(method)
+        options = {action.dest for action in subparsers["train"]._actions}
+        assert {f.name for f in fields(trainer_class.config_class)} <= options, method
+    result = run_cli("train", "--method", "tailorpo-g", "--help")
+    assert result.returncode == 0 and "--guidance_eta" in result.stdout and "--train_window_start" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "method, extra, config_file",
+    [
+        ("direct-align", ["--reward_template", "bright. {prompt}"], "srpo_config.json"),
+        ("draft", ["--draft_k", "0"], "draft_config.json"),
+        ("tailorpo-g", ["--guidance_eta", "0.5", "--rollout_steps", "2"], "tailorpo_config.json"),
+    ],
+)
+def test_train_another_method_from_the_command_line(world, tmp_path, method, extra, config_file):
+    out = tmp_path / method
+    result = run_cli(
+        "train", "--method", method, "--model", world / "flux", "--reward", f"clip:{world / 'clip'}",
+        "--torch_dtype", "float32", "--prompt_file", world / "prompts.txt", "--output_dir", out, "--resolution", "32",
+        "--rollout_steps", "2", "--max_sequence_length", "16", "--max_train_steps", "2", "--learning_rate", "1e-2",
+        "--lora_rank", "4", "--mixed_precision", "no", "--cpu", "--checkpointing_steps", "0", "--validation_steps", "0",
+        *extra,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"{method}: wrote the LoRA")
+    settings = json.loads((out / config_file).read_text())
+    assert settings["method"] == method
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
 
 
 def test_busy_output_dir_is_refused_before_loading_anything(world, tmp_path):
