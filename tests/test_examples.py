@@ -61,14 +61,18 @@ def test_train_srpo_flux_writes_a_lora_that_stock_flux_loads(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(EXAMPLES, "configs"))))
 def test_example_training_configs_are_valid(name):
-    from diffusers_srpo import SRPOConfig
-    from diffusers_srpo.cli import _config_file_values, build_parser
+    from diffusers_srpo.cli import _config_file_values, _train_method, build_parser
+    from diffusers_srpo.trainers import trainer_class_for
 
-    parser, subparsers = build_parser()
-    values = _config_file_values(os.path.join(EXAMPLES, "configs", name), subparsers["train"])
+    path = os.path.join(EXAMPLES, "configs", name)
+    method, _ = _train_method(["--config", path])
+    assert method == name.split("_")[0].replace("tailorpo", "tailorpo-g")  # the file's method picks the options
+    config_class = trainer_class_for(method).config_class
+    parser, subparsers = build_parser(method)
+    values = _config_file_values(path, subparsers["train"])
     subparsers["train"].set_defaults(**values)
     args = parser.parse_args(["train"])
-    config = SRPOConfig(**{f.name: getattr(args, f.name) for f in fields(SRPOConfig)})
+    config = config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
     assert config.resolution == 720 and config.mixed_precision == "bf16"
     assert isinstance(config.learning_rate, float) and args.reward.startswith("hpsv2:")
 
