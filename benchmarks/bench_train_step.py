@@ -1,11 +1,13 @@
-"""Per-update time and peak memory of SRPOTrainer, with the breakdown rollout / branches / decode / reward.
+"""Per-update time and peak memory of the reward-gradient trainers, with the breakdown rollout / forwards with
+gradient / decode / reward.
 
 Runs a FLUX-shaped model sized for the machine (tens of millions of parameters on a CPU), gradient
-checkpointing on and off, each configuration in a fresh process so that peak memory is its own.
-Prints a table and writes JSON.
+checkpointing on and off, each method and configuration in a fresh process so that peak memory is its own.
+Prints a table and writes JSON. Methods: srpo (default), direct-align, refl, draft-1, draft-full (the TailorPO
+family samples outside ``sample_latents``, so this breakdown does not apply to it: see compare_methods.py).
 
-    python benchmarks/bench_train_step.py                       # CPU defaults
-    python benchmarks/bench_train_step.py --resolution 256 --steps 5 --json out.json
+    python benchmarks/bench_train_step.py                       # CPU defaults, SRPO
+    python benchmarks/bench_train_step.py --methods direct-align draft-full --steps 2
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from contextlib import contextmanager
 
 import torch
 
-PARTS = ("rollout", "branch_forward", "decode", "reward", "backward_and_update")
+PARTS = ("rollout", "forward_with_grad", "decode", "reward", "backward_and_update")
+#: Benchmark name -> (library method, config overrides).
+METHOD_VARIANTS = {
+    "srpo": ("srpo", {}),
+    "direct-align": ("direct-align", {}),
+    "refl": ("refl", {}),
+    "draft-1": ("draft", {"draft_k": 1}),
+    "draft-full": ("draft", {"draft_k": 0}),
+}
 
 
 def build_model_config(args):
@@ -51,13 +61,17 @@ def _sync(device: torch.device) -> None:
 
 
 def run_worker(args) -> dict:
-    from diffusers_srpo import SRPOConfig, SRPOTrainer
     from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline
+    from diffusers_srpo.trainers import trainer_class_for
 
     torch.manual_seed(0)
     pipe = tiny_flux_pipeline(seed=0, config=build_model_config(args))
     out = tempfile.mkdtemp(prefix="bench-train-step-")
-    config = SRPOConfig(
+    method, overrides = METHOD_VARIANTS[args.method]
+    trainer_class = trainer_class_for(method)
+    config = trainer_class.config_class(
+        method=method,
+        **overrides,
         output_dir=out,
         max_train_steps=args.warmup + args.steps,
         resolution=args.resolution,
@@ -71,7 +85,7 @@ def run_worker(args) -> dict:
         lora_rank=16,
         lora_alpha=16.0,
     )
-    trainer = SRPOTrainer(pipe, reward=tiny_clip_reward(seed=0), prompts=["a red circle", "a blue square"], config=config)
+    trainer = trainer_class(pipe, reward=tiny_clip_reward(seed=0), prompts=["a red circle", "a blue square"], config=config)
     device = trainer.accelerator.device
     timings: dict[str, float] = defaultdict(float)
     step_times: list[float] = []
@@ -96,7 +110,7 @@ def run_worker(args) -> dict:
         setattr(owner, name, timed_call)
 
     wrap(trainer, "sample_latents", "rollout")
-    wrap(trainer.adapter, "predict_velocity", "branch_forward", only_with_grad=True)
+    wrap(trainer.adapter, "predict_velocity", "forward_with_grad", only_with_grad=True)
     wrap(trainer.adapter, "decode_vae_input", "decode")
     wrap(trainer.reward, "forward", "reward")
 
@@ -121,6 +135,7 @@ def run_worker(args) -> dict:
     steps = per_step[measured]
     totals = step_times[measured]
     result = {
+        "method": args.method,
         "checkpointing": args.checkpointing,
         "step_s_median": sorted(totals)[len(totals) // 2],
         "parts_s_mean": {},
@@ -149,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--methods", nargs="+", default=["srpo"], choices=list(METHOD_VARIANTS))
+    parser.add_argument("--method", choices=list(METHOD_VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_train_step.json"))
     parser.add_argument("--checkpointing", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -159,33 +176,39 @@ def main(argv=None) -> int:
         return 0
 
     results = []
-    for checkpointing in (0, 1):
-        cmd = [sys.executable, __file__, "--worker", "--checkpointing", str(checkpointing)]
-        cmd += [a for a in (argv if argv is not None else sys.argv[1:])]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT ") :]))
+    for method in args.methods:
+        for checkpointing in (0, 1):
+            cmd = [sys.executable, __file__, "--worker", "--method", method, "--checkpointing", str(checkpointing)]
+            cmd += [a for a in (argv if argv is not None else sys.argv[1:])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return proc.returncode
+            line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+            results.append(json.loads(line[len("RESULT ") :]))
 
     first = results[0]
     print(
-        f"SRPO update on a FLUX-shaped transformer of {first['transformer_params_m']:.1f}M parameters "
+        f"One update on a FLUX-shaped transformer of {first['transformer_params_m']:.1f}M parameters "
         f"(LoRA {first['trainable_params_m']:.2f}M trainable), {args.resolution}x{args.resolution}, "
         f"{args.rollout_steps} rollout steps, device {first['device']} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)"
     )
-    header = f"{'checkpointing':>13} | {'update s':>8} | " + " | ".join(f"{p:>19}" for p in PARTS) + " | peak MiB"
+    header = f"{'method':>12} | {'checkpointing':>13} | {'update s':>8} | " + " | ".join(f"{p:>19}" for p in PARTS) + " | peak MiB"
     print(header)
     print("-" * len(header))
     for r in results:
         parts = " | ".join(f"{r['parts_s_mean'][p]:>19.3f}" for p in PARTS)
         on = "on" if r["checkpointing"] else "off"
-        print(f"{on:>13} | {r['step_s_median']:>8.3f} | {parts} | {r['peak_memory_mib']:>8.0f}")
+        print(f"{r['method']:>12} | {on:>13} | {r['step_s_median']:>8.3f} | {parts} | {r['peak_memory_mib']:>8.0f}")
+    by_method = {(r["method"], r["checkpointing"]): r["step_s_median"] for r in results}
+    for checkpointing in (0, 1):
+        if ("draft-full", checkpointing) in by_method and ("direct-align", checkpointing) in by_method:
+            ratio = by_method["draft-full", checkpointing] / by_method["direct-align", checkpointing]
+            print(f"draft-full / direct-align per-update time, checkpointing {'on' if checkpointing else 'off'}: {ratio:.2f}x")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("worker", "checkpointing")}, "results": results}, f, indent=2)
+        json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("worker", "checkpointing", "method")}, "results": results}, f, indent=2)
     print(f"wrote {args.json}")
     return 0
 
