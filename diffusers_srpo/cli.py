@@ -415,7 +415,7 @@ def build_parser(method: str = "srpo") -> tuple[_Parser, dict[str, _Parser]]:
 
 def _train_method(argv: list[str]) -> tuple[str, str | None]:
     """``train``'s method (from ``--method``, else the config file's ``method``, else srpo) and config file."""
-    prefix = argparse.ArgumentParser(add_help=False)
+    prefix = _Parser(prog=f"{PROG} train", add_help=False)
     prefix.add_argument("--config")
     prefix.add_argument("--method")
     known = prefix.parse_known_args(argv)[0]
@@ -423,8 +423,8 @@ def _train_method(argv: list[str]) -> tuple[str, str | None]:
     if method is None and known.config and os.path.isfile(known.config):
         with contextlib.suppress(UsageError):
             method = _read_config_file(known.config).get("method")
-    method = method or "srpo"
-    if method not in METHODS:
+    method = "srpo" if method is None else method
+    if not isinstance(method, str) or method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     return method, known.config
 

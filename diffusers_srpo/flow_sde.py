@@ -5,8 +5,9 @@ density (TailorPO, trajectory-level DPO, Flow-GRPO) use the SDE with the same ma
 as Flow-GRPO does it: one step from ``sigma`` to ``sigma_next`` is a Gaussian with
 
     dt   = sigma_next - sigma                        (negative: towards the data)
-    s    = a * sqrt(sigma / (1 - sigma))             (``a`` the noise level; in ``1 - sigma``, sigma = 1 is
-                                                      replaced by ``sigma_at_one``, the schedule's second sigma)
+    s    = a * sqrt(sigma / (1 - sigma))             (the diffusion coefficient, ``a`` the noise level; in
+                                                      ``1 - sigma``, sigma = 1 is replaced by ``sigma_at_one``,
+                                                      the schedule's second sigma)
     mean = x * (1 + s^2 / (2 sigma) * dt) + v * (1 + s^2 (1 - sigma) / (2 sigma)) * dt
     std  = s * sqrt(-dt)
 
@@ -93,8 +94,11 @@ def flow_sde_transition(
     dtype = _compute_dtype(sample, velocity)
     sample, velocity = sample.to(dtype), velocity.to(dtype)
     sigma, sigma_next = _per_sample(sigma, sample), _per_sample(sigma_next, sample)
-    if not (sigma_next < sigma).all() or not (sigma <= 1).all() or not (sigma_next >= 0).all():
-        raise ValueError("a flow SDE step needs 1 >= sigma > sigma_next >= 0 for every sample")
+    if not ((sigma_next < sigma) & (sigma <= 1) & (sigma_next >= 0)).all():
+        raise ValueError(
+            f"a flow SDE step needs 1 >= sigma > sigma_next >= 0 for every sample, got sigma={sigma.flatten().tolist()} "
+            f"and sigma_next={sigma_next.flatten().tolist()}"
+        )
     dt = sigma_next - sigma
     std_sigma = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma >= 1, torch.full_like(sigma, sigma_at_one), sigma)))
     mean = sample * (1 + std_sigma**2 / (2 * sigma) * dt) + velocity * (1 + std_sigma**2 * (1 - sigma) / (2 * sigma)) * dt

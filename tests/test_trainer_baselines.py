@@ -163,41 +163,71 @@ def test_direct_align_scores_the_plain_templated_reward_on_one_branch(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- ReFL
-def test_refl_estimate_is_x_minus_sigma_v_at_a_late_step(tmp_path):
-    trainer = make_trainer(tmp_path, "refl", max_train_steps=1)
+def test_refl_estimate_is_x_minus_sigma_v_at_the_sampled_late_step(tmp_path):
+    trainer = make_trainer(tmp_path, "refl", rollout_steps=8)
+    assert trainer.config.refl_steps() == [6, 7]
     transformer = trainer.pipe.transformer
-    inputs = []
+    seen_indices = set()
+    inputs, scored = [], []
 
     def capture(module, args, kwargs, output):
         if torch.is_grad_enabled():
             inputs.append((kwargs["hidden_states"].detach().clone(), kwargs["timestep"].detach().clone(), output[0].detach().clone()))
 
     handle = transformer.register_forward_hook(capture, with_kwargs=True)
-    scored = []
     reward = trainer.reward
     trainer.reward = CallableReward(lambda images, prompts: (scored.append(images.detach().clone()), reward(images, prompts))[1])
-    output = trainer.training_step(0)
-    output.losses[0]()
-    handle.remove()
+    for step in range(6):
+        inputs.clear()
+        scored.clear()
+        trainer.training_step(step).losses[0]()
 
-    assert len(inputs) == 1, "ReFL takes exactly one transformer forward with gradient"
-    latents, timestep, velocity = inputs[0]
-    sigma = float(timestep[0])
-    index = trainer.late_step_index(0)
-    assert index in trainer.config.refl_steps() and index >= 0.75 * ROLLOUT_STEPS
-    assert sigma == pytest.approx(float(trainer.rollout_sigmas[index]), abs=0)
-    # The independent reference: the latents the rollout reached at that step, stepped by hand.
-    with torch.no_grad():
-        text = trainer.text_for([trainer.prompts[i] for i in trainer.indices_for_step(0)])
-        noise = trainer.adapter.make_noise(len(text.prompt_embeds), SIZE, SIZE, trainer.generator(0, 1, False), "cpu", torch.float32)
-        expected_latents = noise
-        for s, s_next in zip(trainer.rollout_sigmas[:index], trainer.rollout_sigmas[1 : index + 1], strict=True):
-            v = trainer.adapter.predict_velocity(transformer, expected_latents, s, text, 1.0, SIZE, SIZE)
-            expected_latents = expected_latents + (s_next - s) * v
-        torch.testing.assert_close(latents, expected_latents, rtol=0, atol=0)
-        x0 = latents.double() - sigma * velocity.double()
-        expected_images = trainer.adapter.decode(x0.float(), SIZE, SIZE)
-    torch.testing.assert_close(scored[0], expected_images, rtol=0, atol=1e-6)
+        assert len(inputs) == 1, "ReFL takes exactly one transformer forward with gradient"
+        latents, timestep, velocity = inputs[0]
+        index = trainer.late_step_index(step)
+        seen_indices.add(index)
+        assert float(timestep[0]) == float(trainer.rollout_sigmas[index])
+        # The independent reference: the rollout stepped by hand to that step, then x - sigma * v in float64.
+        with torch.no_grad():
+            text = trainer.text_for([trainer.prompts[i] for i in trainer.indices_for_step(step)])
+            noise = trainer.adapter.make_noise(1, SIZE, SIZE, trainer.generator(step, 1, False), "cpu", torch.float32)
+            expected_latents = noise
+            for s, s_next in zip(trainer.rollout_sigmas[:index], trainer.rollout_sigmas[1 : index + 1], strict=True):
+                v = trainer.adapter.predict_velocity(transformer, expected_latents, s, text, 1.0, SIZE, SIZE)
+                expected_latents = expected_latents + (s_next - s) * v
+            torch.testing.assert_close(latents, expected_latents, rtol=0, atol=0)
+            x0 = latents.double() - float(timestep[0]) * velocity.double()
+            expected_images = trainer.adapter.decode(x0.float(), SIZE, SIZE)
+        torch.testing.assert_close(scored[0], expected_images, rtol=0, atol=1e-6)
+    handle.remove()
+    assert seen_indices == {6, 7}, "the late step is drawn from the whole window"
+
+
+def test_a_reward_above_the_hinge_threshold_is_warned_about_and_logged(tmp_path, caplog):
+    """A reward on another scale (aesthetic ~5) is above the default threshold 0.7: nothing would train."""
+    high = CallableReward(lambda images, prompts: 5.0 + images.mean(dim=(1, 2, 3)))
+    with caplog.at_level("WARNING", logger="diffusers_srpo.trainers.base"):
+        history = make_trainer(tmp_path, "refl", reward=high).train()
+    assert [h["hinge_active"] for h in history] == [0.0, 0.0] and history[0]["loss"] == 0.0
+    assert sum("above hinge_threshold=0.7" in r.message for r in caplog.records) == 1  # once, not every update
+    history = make_trainer(tmp_path, "refl", name="raised", reward=high, hinge_threshold=10.0).train()
+    assert history[0]["hinge_active"] == 1.0 and history[0]["loss"] > 0
+
+
+def test_plain_reward_methods_refuse_an_srp_reward(tmp_path):
+    from diffusers_srpo.rewards import SemanticRelativeReward
+
+    srp = SemanticRelativeReward(tiny_clip_reward(seed=0))
+    for method in ("direct-align", "refl", "draft", "tailorpo"):
+        with pytest.raises(TypeError, match=f"method '{method}' uses a plain reward: pass its .base"):
+            make_trainer(tmp_path, method, reward=srp)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_shared_base_config_names_no_method():
+    from diffusers_srpo.trainers import TrainerConfig
+
+    assert TrainerConfig().method == ""  # a building block for a custom trainer
 
 
 # ------------------------------------------------------------------------------------------- DRaFT-K

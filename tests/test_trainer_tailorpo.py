@@ -87,7 +87,7 @@ def test_at_initialisation_the_log_ratio_is_zero_and_the_loss_is_log_2(tmp_path,
     output = trainer.training_step(0)
     assert len(output.losses) == ROLLOUT_STEPS  # every step ranked and trained by default
     losses = [loss_fn() for loss_fn in output.losses]
-    assert output.logs["ties"] == 0
+    assert output.logs["tie_fraction"] == 0
     for loss in losses:
         assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
     assert output.logs["log_ratio_preferred"] == 0.0 and output.logs["log_ratio_other"] == 0.0
@@ -100,6 +100,7 @@ def test_one_sgd_step_raises_log_pi_of_the_preferred_state_and_lowers_the_other(
         trainer.text_for(PROMPTS[:1]),
         PROMPTS[:1],
         torch.Generator().manual_seed(1),
+        set(range(ROLLOUT_STEPS)),
         {},
     )
     pair = pairs[1]
@@ -143,24 +144,32 @@ def test_the_reference_is_the_base_model_while_the_lora_trains(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- ranking and ties
-def test_the_preferred_state_has_the_higher_stepwise_reward_and_continues_the_trajectory(tmp_path):
-    trainer = make_trainer(tmp_path, reward=CallableReward(brightness))
+@pytest.mark.parametrize("method", ["tailorpo", "tailorpo-g"])
+def test_the_preferred_state_has_the_higher_stepwise_reward_and_continues_the_trajectory(tmp_path, method):
+    trainer = make_trainer(tmp_path, method, reward=CallableReward(brightness), guidance_eta=10.0)
     text, prompts = trainer.text_for(PROMPTS[:2]), PROMPTS[:2]
     noise = trainer.adapter.make_noise(2, SIZE, SIZE, torch.Generator().manual_seed(0), "cpu", torch.float32)
-    pairs, final = trainer._sample_stepwise_pairs(noise, text, prompts, torch.Generator().manual_seed(1), {})
+    pairs, final = trainer._sample_stepwise_pairs(noise, text, prompts, torch.Generator().manual_seed(1), set(range(ROLLOUT_STEPS)), {})
     assert len(pairs) == ROLLOUT_STEPS and torch.equal(pairs[0].state, noise)
     for index, pair in enumerate(pairs):
         preferred, other = pair.next_state.chunk(2)
+        following = pairs[index + 1].state if index + 1 < len(pairs) else final
+        assert torch.equal(following, preferred), "the preferred (for tailorpo-g: guided) state continues"
         r_preferred, _ = trainer.stepwise_reward(preferred, pair.sigma_next, text, prompts)
         r_other, _ = trainer.stepwise_reward(other, pair.sigma_next, text, prompts)
         assert (r_preferred >= r_other).all()
-        following = pairs[index + 1].state if index + 1 < len(pairs) else final
-        assert torch.equal(following, preferred)
-        # Both states are draws from the same Gaussian around the policy's mean at the shared state.
         velocity = trainer.velocity(trainer.model, pair.state, pair.sigma, text)
         transition = flow_sde_transition(pair.state, velocity, pair.sigma, pair.sigma_next, 0.7, float(trainer.rollout_sigmas[1]))
-        z = (pair.next_state - torch.cat([transition.mean] * 2)) / torch.cat([transition.std] * 2)
-        assert z.abs().max() < 6 and 0.8 < z.std() < 1.2
+        if method == "tailorpo":
+            # Both states are draws from the same Gaussian around the policy's mean at the shared state.
+            z = (pair.next_state - torch.cat([transition.mean] * 2)) / torch.cat([transition.std] * 2)
+            assert z.abs().max() < 6 and 0.8 < z.std() < 1.2
+        else:
+            # The stored preferred state is the guided one: it moved off the draw, the other state did not.
+            z_other = (other - transition.mean) / transition.std
+            assert z_other.abs().max() < 6
+            guided_again = trainer.guide(preferred, pair.sigma_next, text, prompts)
+            assert (guided_again - preferred).abs().max() > 0
 
 
 def test_ties_and_tiny_gaps_are_skipped_and_counted(tmp_path):
@@ -168,7 +177,8 @@ def test_ties_and_tiny_gaps_are_skipped_and_counted(tmp_path):
     trainer = make_trainer(tmp_path, reward=nearly_constant, tie_threshold=1e-6, max_train_steps=1, train_batch_size=2)
     lora_b = {n: p.detach().clone() for n, p in trainer.pipe.transformer.named_parameters() if "lora_B" in n}
     history = trainer.train()
-    assert history[0]["ties"] == ROLLOUT_STEPS * 2  # every pair of every ranked step
+    assert history[0]["tie_fraction"] == 1.0  # every pair of every ranked step
+    assert history[0]["implicit_accuracy"] == 0.5  # ties count as chance
     assert history[0]["loss"] == 0.0
     # No preference was learned: the LoRA's B matrices (zero at the start) are still zero.
     assert all(torch.equal(p, lora_b[n]) for n, p in trainer.pipe.transformer.named_parameters() if "lora_B" in n)
@@ -179,22 +189,45 @@ def test_trajectory_dpo_labels_every_step_by_the_final_images(tmp_path):
     text, prompts = trainer.text_for(PROMPTS[:2]), PROMPTS[:2]
     noise = trainer.adapter.make_noise(2, SIZE, SIZE, torch.Generator().manual_seed(0), "cpu", torch.float32)
     logs = {}
-    pairs, final = trainer._sample_trajectory_pairs(noise, text, prompts, torch.Generator().manual_seed(1), logs)
-    final_rewards = brightness(trainer.adapter.decode(final.float(), SIZE, SIZE), None)
+    pairs, final_rewards = trainer._sample_trajectory_pairs(
+        noise, text, prompts, torch.Generator().manual_seed(1), set(range(ROLLOUT_STEPS)), logs
+    )
+    final_latents = pairs[-1].next_state  # the last step is trained: its next states are the final latents
+    torch.testing.assert_close(final_rewards, brightness(trainer.adapter.decode(final_latents, SIZE, SIZE), None))
     first_won = final_rewards[:2] >= final_rewards[2:]
     assert torch.equal(pairs[0].state, torch.cat([noise, noise]))
     for index, pair in enumerate(pairs):
         assert torch.equal(pair.first_preferred, first_won)
-        following = pairs[index + 1].state if index + 1 < len(pairs) else final
-        assert torch.equal(following, pair.next_state)  # each trajectory continues with its own sample
+        if index + 1 < len(pairs):
+            assert torch.equal(pairs[index + 1].state, pair.next_state)  # each trajectory continues with its own sample
     assert logs["final_reward_gap"] == pytest.approx((final_rewards[:2] - final_rewards[2:]).abs().mean().item())
 
 
 def test_trained_step_fraction_and_window_pick_the_trained_steps(tmp_path):
     trainer = make_trainer(tmp_path, rollout_steps=8, preference_window_start=0.25, preference_window_end=0.75, trained_step_fraction=0.5)
     assert trainer.config.ranked_steps() == [2, 3, 4, 5]
+    references = []
+    original = trainer._reference_mean
+    trainer._reference_mean = lambda *args: (references.append(1), original(*args))[1]
     output = trainer.training_step(0)
     assert len(output.losses) == 2 and output.logs["trained_steps"] == 2
+    assert len(references) == 2, "only the trained steps pay for a reference forward"
+
+
+def test_bf16_weights_keep_a_float32_sampler_state_so_guidance_survives(tmp_path):
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.transformer.to(torch.bfloat16)
+    trainer = make_trainer(tmp_path, "tailorpo-g", pipe=pipe, reward=CallableReward(brightness), guidance_eta=1.0)
+    assert trainer.weight_dtype == torch.bfloat16
+    text, prompts = trainer.text_for(PROMPTS[:2]), PROMPTS[:2]
+    noise = trainer.adapter.make_noise(2, SIZE, SIZE, torch.Generator().manual_seed(0), "cpu", torch.float32)
+    pairs, final = trainer._sample_stepwise_pairs(noise, text, prompts, torch.Generator().manual_seed(1), {1}, {})
+    assert final.dtype == torch.float32 and pairs[0].next_state.dtype == torch.float32
+    state = pairs[0].next_state[:2]
+    guided = trainer.guide(state, pairs[0].sigma_next, text, prompts)
+    # Measured: in float32 the step moves every element; rounded to bf16 (8 bits of mantissa) it would move ~7 %.
+    assert (guided != state).float().mean() > 0.99
+    assert (guided.bfloat16() != state.bfloat16()).float().mean() < 0.5
 
 
 # ------------------------------------------------------------------------------------------- TailorPO-G

@@ -98,9 +98,9 @@ class BaseTrainer:
         )
         self.global_step = 0
         self.history: list[dict[str, float]] = []
+        self._warned_inactive_hinge = False
         self.prompt_cache: dict[str, PromptEmbeds] = {}
         self._setup_models()
-        self.setup_method()
 
     @property
     def method_name(self) -> str:
@@ -113,10 +113,15 @@ class BaseTrainer:
         The default is a plain reward: a :class:`~diffusers_srpo.rewards.Reward` or a callable
         ``fn(images, prompts) -> Tensor[B]``, scored against ``config.reward_template``.
         """
-        from ..rewards import CallableReward, PromptTemplateReward, Reward
+        from ..rewards import CallableReward, PromptTemplateReward, Reward, SemanticRelativeReward
 
         if reward is None:
             raise ValueError(f"{type(self).__name__} needs a reward, e.g. HPSv2Reward.from_pretrained(path)")
+        if isinstance(reward, SemanticRelativeReward):
+            raise TypeError(
+                f"got a SemanticRelativeReward; method {self.method_name!r} uses a plain reward: pass its .base "
+                "(aimed with reward_template), or use method='srpo'"
+            )
         if not isinstance(reward, Reward):
             if not callable(reward):
                 raise TypeError(f"reward must be a Reward or a callable fn(images, prompts) -> Tensor[B], got {type(reward).__name__}")
@@ -124,11 +129,12 @@ class BaseTrainer:
         if self.config.reward_template != "{prompt}":
             reward = PromptTemplateReward(reward, self.config.reward_template)
         if self.needs_differentiable_reward:
-            self.check_reward_differentiable(reward, reward)
+            self.check_reward_differentiable(reward)
         return reward
 
     def setup_method(self) -> None:
-        """Build method-specific state once the accelerator and models are ready."""
+        """Build method-specific state: called once the models are on the device and the trainable parameters are
+        set, just before ``accelerator.prepare`` wraps the transformer (``self.pipe.transformer`` is still plain)."""
 
     def scheduler_overrides(self) -> dict:
         """Settings of the ``DirectAlignScheduler`` built from the pipeline's scheduler config."""
@@ -140,13 +146,13 @@ class BaseTrainer:
     def model_card_details(self) -> dict[str, str]:
         return {}
 
-    def check_reward_differentiable(self, reward: torch.nn.Module, reward_fn: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> None:
-        """Score one small random image with ``reward_fn`` and check that a gradient reaches its pixels."""
+    def check_reward_differentiable(self, reward: torch.nn.Module) -> None:
+        """Score one small random image and check that a gradient reaches its pixels."""
         name = type(reward).__name__
         size = getattr(reward, "image_size", 64)
         images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         images = images.to(_module_device(reward)).requires_grad_(True)
-        scores = reward_fn(images, self.prompts[:1])
+        scores = reward(images, self.prompts[:1])
         if not isinstance(scores, torch.Tensor) or scores.shape != (1,):
             raise ValueError(f"the reward must return a tensor of shape [batch], got {getattr(scores, 'shape', type(scores))}")
         if not scores.requires_grad:
@@ -203,6 +209,7 @@ class BaseTrainer:
             eps=config.adam_epsilon,
             weight_decay=config.adam_weight_decay,
         )
+        self.setup_method()
         from diffusers.optimization import get_scheduler
 
         # accelerate steps a prepared scheduler once per process per update, hence the factor.
@@ -279,6 +286,20 @@ class BaseTrainer:
         """Packed latents -> images -> the reward ``[B]``, differentiable in the latents."""
         size = self.config.resolution
         return self.reward(self.adapter.decode(latents, size, size), prompts)
+
+    def hinge_loss(self, scores: torch.Tensor, logs: dict[str, float], log_key: str = "hinge_active") -> torch.Tensor:
+        """``mean(relu(threshold - reward))``; logs the fraction of samples under the threshold (the only ones that
+        train) and warns when none is: a reward on another scale than the threshold trains nothing."""
+        threshold = self.config.hinge_threshold
+        active = (scores.detach() < threshold).float().mean().item()
+        logs[log_key] = active
+        if active == 0 and not self._warned_inactive_hinge:
+            self._warned_inactive_hinge = True
+            logger.warning(
+                "every reward of this update (mean %.3f) is above hinge_threshold=%s, so the loss and its gradient "
+                "are 0: raise hinge_threshold above the reward's range", scores.detach().mean().item(), threshold
+            )
+        return torch.relu(threshold - scores).mean()
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save_model_hook(self, models, weights, output_dir):
@@ -375,13 +396,15 @@ class BaseTrainer:
         return wanted
 
     def _load_checkpoint(self, path: str) -> None:
-        self.accelerator.load_state(path)
         with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
             state = json.load(f)
-        if state.get("method", self.method_name) != self.method_name:
+        # Checked before loading anything; checkpoints from before the method field were all SRPO's.
+        written_by = state.get("method", "srpo")
+        if written_by != self.method_name:
             raise ValueError(
-                f"checkpoint {path!r} was written by method {state['method']!r}; this run's method is {self.method_name!r}"
+                f"checkpoint {path!r} was written by method {written_by!r}; this run's method is {self.method_name!r}"
             )
+        self.accelerator.load_state(path)
         self.global_step = state["global_step"]
         self.history = state.get("history", [])
 

@@ -95,10 +95,9 @@ class TrainerConfig:
     # Sampling
     resolution: int = field(default=720, metadata=_help("Training image height and width in pixels."))
     rollout_steps: int = field(default=25, metadata=_help("Euler steps of the online rollout that makes x0."))
-    rollout_guidance: float = field(default=1.0, metadata=_help("FLUX distilled guidance during the rollout."))
-    train_guidance: float = field(
-        default=3.5,
-        metadata=_help("FLUX distilled guidance in Direct-Align's training forward (the other methods train sampler steps: rollout_guidance)."),
+    rollout_guidance: float = field(
+        default=1.0,
+        metadata=_help("FLUX distilled guidance during the rollout (and in every sampler step a method trains)."),
     )
     reward_template: str = field(
         default="{prompt}",
@@ -126,7 +125,8 @@ class TrainerConfig:
     validation_seed: int = field(default=0, metadata=_help("Seed of the validation noise (fixed across the run)."))
 
     def __post_init__(self):
-        if self.method not in self.methods:
+        # The shared base (for a custom trainer) names no method; each method's config accepts only its own.
+        if self.methods and self.method not in self.methods:
             raise ValueError(f"method must be one of {self.methods} for {type(self).__name__}, got {self.method!r}")
         positive = {
             "max_train_steps": self.max_train_steps,
@@ -199,7 +199,10 @@ class RewardLossConfig(TrainerConfig):
 
     hinge_threshold: float = field(
         default=0.7,
-        metadata=_help("Loss: mean(relu(threshold - reward)); for rewards under the threshold it is -reward + const."),
+        metadata=_help(
+            "Loss: mean(relu(threshold - reward)); under the threshold it is -reward + const. Rewards on another "
+            "scale (aesthetic ~5) need a higher threshold, or nothing trains (logged as hinge_active, warned)."
+        ),
     )
 
 
@@ -216,6 +219,7 @@ class SRPOConfig(RewardLossConfig):
     method: str = field(
         default="srpo", metadata=_help("'srpo' (SRP reward) or 'direct-align' (the plain reward, no SRP).")
     )
+    train_guidance: float = field(default=3.5, metadata=_help("FLUX distilled guidance in Direct-Align's training forward."))
     train_window_start: int = field(
         default=5, metadata=_help("First index of the training window on the 50-step training grid (0 is pure noise).")
     )
@@ -363,7 +367,11 @@ class TailorPOConfig(TrainerConfig):
     )
     beta: float = field(default=BETA_DEFAULT, metadata=_help("DPO beta: the scale of the log-ratio difference in the loss."))
     noise_level: float = field(
-        default=0.7, metadata=_help("a of the flow SDE: std = a * sqrt(sigma / (1 - sigma)) (Flow-GRPO's 0.7).")
+        default=0.7,
+        metadata=_help(
+            "a of the flow SDE: diffusion coefficient a * sqrt(sigma / (1 - sigma)); a step's std is that times "
+            "sqrt(sigma - sigma_next) (Flow-GRPO's 0.7)."
+        ),
     )
     log_prob_reduction: str = field(
         default="mean",
@@ -385,7 +393,10 @@ class TailorPOConfig(TrainerConfig):
     )
     tie_threshold: float = field(
         default=1e-4,
-        metadata=_help("Pairs whose reward gap is at most this are skipped (ties carry no preference); counted in the logs."),
+        metadata=_help(
+            "Pairs whose reward gap is at most this carry no preference: their loss has weight 0 (the batch mean still "
+            "counts them, as D3PO's zero label does); logged as tie_fraction."
+        ),
     )
     guidance_eta: float = field(
         default=GUIDANCE_ETA_DEFAULT,

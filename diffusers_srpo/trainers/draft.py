@@ -17,8 +17,10 @@ class DRaFTTrainer(BaseTrainer):
     back-propagated through the whole truncated chain. ``draft_k=0`` is the full chain (AlignProp-like).
 
     The steps with gradient are steps of the same sampler as the rollout (``rollout_guidance``), so ``draft_k=0``
-    differentiates exactly the sampler the model is evaluated with. Each step with gradient is one activation checkpoint when ``gradient_checkpointing`` is on: only the ``K``
-    latents between steps stay in memory, and each step's forward runs again in the backward pass.
+    differentiates exactly the sampler the model is evaluated with. With ``gradient_checkpointing`` each step with
+    gradient is one activation checkpoint: only the ``K`` latents between steps stay in memory. Inside it the
+    transformer's own block checkpointing stays on, so a step's backward first re-runs the step's forward and then
+    each block's: three transformer passes per step, for the memory of one block at a time.
     """
 
     config_class = DRaFTConfig
@@ -55,11 +57,13 @@ class DRaFTTrainer(BaseTrainer):
             with accelerator.autocast():
                 for sigma, sigma_next in zip(sigmas[first_gradient_step:-1], sigmas[first_gradient_step + 1 :], strict=True):
                     if config.gradient_checkpointing:
+                        # The recompute calls the prepared (DDP) model again during backward: safe because every
+                        # trainable parameter takes part in every step.
                         latents = checkpoint(self._euler_step, latents, sigma, sigma_next, text, use_reentrant=False)
                     else:
                         latents = self._euler_step(latents, sigma, sigma_next, text)
                 scores = self.decode_and_score(latents, prompts)
             logs["reward"] = scores.detach().mean().item()
-            return torch.relu(config.hinge_threshold - scores).mean()
+            return self.hinge_loss(scores, logs)
 
         return StepOutput(losses=[compute], logs=logs)

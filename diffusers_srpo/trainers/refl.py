@@ -56,6 +56,6 @@ class ReFLTrainer(BaseTrainer):
                 x0_estimate = self.scheduler.one_step_x0(velocity.float(), latents.float(), sigma)
                 scores = self.decode_and_score(x0_estimate, prompts)
             logs["reward"] = scores.detach().mean().item()
-            return torch.relu(config.hinge_threshold - scores).mean()
+            return self.hinge_loss(scores, logs)
 
         return StepOutput(losses=[compute], logs=logs)

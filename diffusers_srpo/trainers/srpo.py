@@ -58,7 +58,7 @@ class SRPOTrainer(BaseTrainer):
                 "SRPO scores images against control words, so it needs a CLIP-like reward "
                 f"(HPSv2Reward, PickScoreReward, CLIPReward or a CLIPLikeReward subclass), got {type(reward).__name__}"
             )
-        self.check_reward_differentiable(srp, lambda images, prompts: srp(images, prompts))
+        self.check_reward_differentiable(srp)
         return srp
 
     def scheduler_overrides(self) -> dict:
@@ -127,7 +127,7 @@ class SRPOTrainer(BaseTrainer):
                         scores = self.reward(images, prompts, k=discount, swap=swap, step=step)
                     else:
                         scores = self.reward(images, prompts)
-                loss = torch.relu(config.hinge_threshold - scores).mean()
+                loss = self.hinge_loss(scores, logs, log_key=f"hinge_active_{name}")
                 logs[f"reward_{name}"] = scores.detach().mean().item()
                 if name == "denoise":
                     logs["reward"] = logs["reward_denoise"]

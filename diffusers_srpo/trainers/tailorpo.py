@@ -36,20 +36,21 @@ _NOISE_STREAM, _SDE_STREAM, _TRAINED_STEPS_STREAM = 1, 4, 5
 
 @dataclass
 class PreferencePair:
-    """One ranked step: the preferred and the other next state, from ``state`` (per sample of the batch).
+    """One trained step: the preferred and the other next state, from ``state``, per sample of the batch.
 
-    For TailorPO both next states leave the same ``state`` ``[B, ...]``; for trajectory-level DPO ``state`` holds
-    both trajectories' states ``[2B, ...]`` (first trajectory first) and ``next_state`` their next states.
+    TailorPO: both next states leave the same ``state`` ``[B, ...]``; ``next_state`` is ``[preferred; other]``
+    ``[2B, ...]``. Trajectory-level DPO: ``state`` and ``next_state`` hold both trajectories ``[2B, ...]`` (the first
+    trajectory first) and ``first_preferred`` ``[B]`` says which one won. Latents are float32.
     """
 
     state: torch.Tensor
     sigma: torch.Tensor
     sigma_next: torch.Tensor
-    next_state: torch.Tensor  # TailorPO: [preferred; other] stacked as [2B, ...]; trajectory DPO: [2B, ...]
+    next_state: torch.Tensor
     reference_mean: torch.Tensor
     std: torch.Tensor
-    first_preferred: torch.Tensor  # trajectory DPO: [B] bool, whether trajectory 0 won; TailorPO: all True
     weight: torch.Tensor  # [B]: 0 for ties
+    first_preferred: torch.Tensor | None = None
 
 
 class TailorPOTrainer(BaseTrainer):
@@ -57,7 +58,8 @@ class TailorPOTrainer(BaseTrainer):
 
     ``reward`` is any reward ``reward(images, prompts) -> Tensor[B]`` (written with ``reward_template``). TailorPO
     and trajectory-level DPO only rank samples, so the reward need not be differentiable; TailorPO-G needs its
-    gradient.
+    gradient. The sampler state is kept in float32 whatever the weights' dtype (a bf16 state would round the
+    guidance step and the late steps' noise away); the transformer sees it in its own dtype.
     """
 
     config_class = TailorPOConfig
@@ -68,10 +70,23 @@ class TailorPOTrainer(BaseTrainer):
         return self.config.method == "tailorpo-g"
 
     def setup_method(self) -> None:
+        from accelerate.utils import DistributedType
+
+        config = self.config
+        if (
+            config.method == "tailorpo-g"
+            and config.guidance_gradient == "model"
+            and self.accelerator.distributed_type == DistributedType.FSDP
+        ):
+            raise ValueError(
+                "guidance_gradient='model' differentiates through the unwrapped transformer, which FSDP shards: "
+                "use guidance_gradient='fixed' with FSDP"
+            )
         self.reference_model = None
-        if not self.config.use_lora:
-            # A frozen copy in the trained weights' dtype, so that policy and reference agree exactly at the start.
-            self.reference_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).requires_grad_(False).eval()
+        if not config.use_lora:
+            # A frozen copy of the base before accelerate wraps it, in the trained weights' dtype, so that policy and
+            # reference agree exactly at the start. It costs a second transformer in memory.
+            self.reference_model = copy.deepcopy(self.pipe.transformer).requires_grad_(False).eval()
 
     def model_card_details(self) -> dict[str, str]:
         config = self.config
@@ -91,22 +106,25 @@ class TailorPOTrainer(BaseTrainer):
     # ----------------------------------------------------------------------------------- the two policies
     @contextlib.contextmanager
     def reference_policy(self) -> Iterator[torch.nn.Module]:
-        """The reference model: the base (LoRA disabled) or the frozen copy of a full fine-tune."""
+        """The reference model: the prepared model with its LoRA disabled, or the frozen copy of a full fine-tune."""
         if self.reference_model is not None:
             yield self.reference_model
             return
         transformer = self.accelerator.unwrap_model(self.model)
         transformer.disable_adapters()
         try:
-            yield transformer
+            yield self.model
         finally:
             transformer.enable_adapters()
 
     def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma, text) -> torch.Tensor:
-        """The sampler's velocity (``rollout_guidance``) of ``model``, under the run's autocast."""
+        """The sampler's velocity (``rollout_guidance``) of ``model`` at ``latents`` (any dtype), float32."""
         size = self.config.resolution
         with self.accelerator.autocast():
-            return self.adapter.predict_velocity(model, latents, sigma, text, self.config.rollout_guidance, size, size)
+            velocity = self.adapter.predict_velocity(
+                model, latents.to(self.weight_dtype), sigma, text, self.config.rollout_guidance, size, size
+            )
+        return velocity.float()
 
     def transition(self, latents, velocity, sigma, sigma_next):
         return flow_sde_transition(
@@ -121,38 +139,44 @@ class TailorPOTrainer(BaseTrainer):
         if float(sigma) == 0:
             return self.decode_and_score(latents.float(), prompts), None
         velocity = self.velocity(self.model, latents, sigma, text)
-        x0_estimate = self.scheduler.one_step_x0(velocity.float(), latents.float(), sigma)
-        return self.decode_and_score(x0_estimate, prompts), velocity
+        return self.decode_and_score(self.scheduler.one_step_x0(velocity, latents.float(), sigma), prompts), velocity
 
     def guide(self, latents, sigma, text, prompts, velocity: torch.Tensor | None = None) -> torch.Tensor:
-        """TailorPO-G: ``x + eta * grad_x r(x0_hat(x))``.
+        """TailorPO-G: ``x + eta * grad_x r(x0_hat(x))``, float32.
 
         ``guidance_gradient="model"`` differentiates through the model's velocity at ``x`` (the step-wise reward's
-        exact gradient); ``"fixed"`` holds ``velocity`` (the one ranking used) fixed, so ``dx0_hat/dx`` is the
-        identity and no transformer backward is needed.
+        exact gradient, one transformer backward); ``"fixed"`` holds ``velocity`` (the one the ranking used) fixed,
+        so ``dx0_hat/dx`` is the identity and only the VAE and the reward are differentiated.
         """
         config = self.config
         with torch.enable_grad():
             x = latents.detach().float().requires_grad_(True)
             if float(sigma) == 0:
                 x0_estimate = x
+            elif config.guidance_gradient == "model":
+                # The unwrapped module: a gradient to the input only must not trigger a wrapper's gradient sync.
+                x0_estimate = self.scheduler.one_step_x0(self.velocity(self.accelerator.unwrap_model(self.model), x, sigma, text), x, sigma)
+            elif velocity is None:
+                raise ValueError("guidance_gradient='fixed' needs the velocity at the state being guided")
             else:
-                if config.guidance_gradient == "model" or velocity is None:
-                    # The unwrapped module: a gradient to the input only must not trigger a wrapper's gradient sync.
-                    model = self.accelerator.unwrap_model(self.model)
-                    velocity = self.velocity(model, x.to(latents.dtype), sigma, text)
-                x0_estimate = x - float(sigma) * velocity.float()
+                x0_estimate = self.scheduler.one_step_x0(velocity.detach().float(), x, sigma)
             scores = self.decode_and_score(x0_estimate, prompts)
             (gradient,) = torch.autograd.grad(scores.sum(), x)
-        return (x + config.guidance_eta * gradient).to(latents.dtype).detach()
+        return (x + config.guidance_eta * gradient).detach()
 
     # ----------------------------------------------------------------------------------- sampling
+    def _reference_mean(self, latents, sigma, sigma_next, text) -> torch.Tensor:
+        with self.reference_policy() as reference:
+            return self.transition(latents, self.velocity(reference, latents, sigma, text), sigma, sigma_next).mean
+
     @torch.no_grad()
-    def _sample_stepwise_pairs(self, noise, text, prompts, generator, logs) -> tuple[list[PreferencePair], torch.Tensor]:
+    def _sample_stepwise_pairs(self, noise, text, prompts, generator, trained_steps, logs) -> tuple[list[PreferencePair], torch.Tensor]:
+        """A TailorPO trajectory from ``noise``: the pairs of the ``trained_steps`` and the final latents."""
         config, sigmas = self.config, self.rollout_sigmas
         ranked = set(config.ranked_steps())
         doubled_text = PromptEmbeds.cat([text, text])
-        latents, velocity = noise, None
+        batch = len(prompts)
+        latents, velocity = noise.float(), None
         pairs, gaps, ties = [], [], 0
         for index in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[index], sigmas[index + 1]
@@ -162,49 +186,47 @@ class TailorPOTrainer(BaseTrainer):
                 latents, velocity = latents + (sigma_next - sigma) * velocity, None
                 continue
             transition = self.transition(latents, velocity, sigma, sigma_next)
-            candidates = torch.cat([transition.sample(generator), transition.sample(generator)]).to(latents.dtype)
+            candidates = torch.cat([transition.sample(generator), transition.sample(generator)])
             rewards, candidate_velocity = self.stepwise_reward(candidates, sigma_next, doubled_text, prompts * 2)
             first, second = rewards.chunk(2)
-            first_wins = first >= second
-            batch = len(prompts)
-            winner = torch.where(_expand(first_wins, candidates[:batch]), candidates[:batch], candidates[batch:])
-            loser = torch.where(_expand(first_wins, candidates[:batch]), candidates[batch:], candidates[:batch])
+            first_wins = _expand(first >= second, candidates[:batch])
+            winner = torch.where(first_wins, candidates[:batch], candidates[batch:])
+            loser = torch.where(first_wins, candidates[batch:], candidates[:batch])
             next_velocity = None
             if candidate_velocity is not None:
-                v_first, v_second = candidate_velocity.chunk(2)
-                next_velocity = torch.where(_expand(first_wins, v_first), v_first, v_second)
+                velocity_first, velocity_second = candidate_velocity.chunk(2)
+                next_velocity = torch.where(first_wins, velocity_first, velocity_second)
             gap = (first - second).abs()
             weight = (gap > config.tie_threshold).float()
             ties += int((weight == 0).sum())
             gaps.append(gap)
             if config.method == "tailorpo-g":
-                winner = self.guide(winner, sigma_next, text, prompts, next_velocity)
-                next_velocity = None
-            with self.reference_policy() as reference:
-                reference_mean = self.transition(latents, self.velocity(reference, latents, sigma, text), sigma, sigma_next).mean
-            pairs.append(
-                PreferencePair(
-                    state=latents,
-                    sigma=sigma,
-                    sigma_next=sigma_next,
-                    next_state=torch.cat([winner, loser]),
-                    reference_mean=reference_mean,
-                    std=transition.std,
-                    first_preferred=torch.ones(batch, dtype=torch.bool, device=latents.device),
-                    weight=weight,
+                winner, next_velocity = self.guide(winner, sigma_next, text, prompts, next_velocity), None
+            if index in trained_steps:
+                pairs.append(
+                    PreferencePair(
+                        state=latents,
+                        sigma=sigma,
+                        sigma_next=sigma_next,
+                        next_state=torch.cat([winner, loser]),
+                        reference_mean=self._reference_mean(latents, sigma, sigma_next, text),
+                        std=transition.std,
+                        weight=weight,
+                    )
                 )
-            )
             latents, velocity = winner, next_velocity
         logs["stepwise_reward_gap"] = torch.cat(gaps).mean().item()
-        logs["ties"] = float(ties)
+        logs["tie_fraction"] = ties / (len(gaps) * batch)
         return pairs, latents
 
     @torch.no_grad()
-    def _sample_trajectory_pairs(self, noise, text, prompts, generator, logs) -> tuple[list[PreferencePair], torch.Tensor]:
+    def _sample_trajectory_pairs(self, noise, text, prompts, generator, trained_steps, logs) -> tuple[list[PreferencePair], torch.Tensor]:
+        """Two SDE trajectories from the same ``noise`` (as D3PO), ranked by their final images: the pairs of the
+        ``trained_steps`` and the final rewards ``[2B]`` (first trajectory first)."""
         config, sigmas = self.config, self.rollout_sigmas
         ranked = set(config.ranked_steps())
         doubled_text = PromptEmbeds.cat([text, text])
-        latents = torch.cat([noise, noise])  # two trajectories from the same noise, as D3PO
+        latents = torch.cat([noise, noise]).float()
         steps = []
         for index in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[index], sigmas[index + 1]
@@ -213,51 +235,54 @@ class TailorPOTrainer(BaseTrainer):
                 latents = latents + (sigma_next - sigma) * velocity
                 continue
             transition = self.transition(latents, velocity, sigma, sigma_next)
-            next_latents = transition.sample(generator).to(latents.dtype)
-            with self.reference_policy() as reference:
-                reference_velocity = self.velocity(reference, latents, sigma, doubled_text)
-            reference_mean = self.transition(latents, reference_velocity, sigma, sigma_next).mean
-            steps.append((latents, sigma, sigma_next, next_latents, reference_mean, transition.std))
+            next_latents = transition.sample(generator)
+            if index in trained_steps:
+                reference_mean = self._reference_mean(latents, sigma, sigma_next, doubled_text)
+                steps.append((latents, sigma, sigma_next, next_latents, reference_mean, transition.std))
             latents = next_latents
-        final = self.decode_and_score(latents.float(), prompts * 2)
-        first, second = final.chunk(2)
+        final_rewards = self.decode_and_score(latents, prompts * 2)
+        first, second = final_rewards.chunk(2)
         gap = (first - second).abs()
         weight = (gap > config.tie_threshold).float()
         logs["final_reward_gap"] = gap.mean().item()
-        logs["ties"] = float((weight == 0).sum())
+        logs["tie_fraction"] = (weight == 0).float().mean().item()
         pairs = [
-            PreferencePair(state, sigma, sigma_next, next_state, reference_mean, std, first >= second, weight)
+            PreferencePair(state, sigma, sigma_next, next_state, reference_mean, std, weight, first_preferred=first >= second)
             for state, sigma, sigma_next, next_state, reference_mean, std in steps
         ]
-        return pairs, latents
+        return pairs, final_rewards
 
     # ----------------------------------------------------------------------------------- one update
-    def dpo_loss(self, pair: PreferencePair, text, logs: dict[str, list[float]]) -> torch.Tensor:
-        """The DPO loss of one ranked step, with gradient through one transformer forward."""
+    def dpo_loss(self, pair: PreferencePair, text, stats: dict[str, list[float]]) -> torch.Tensor:
+        """The DPO loss of one trained step, with gradient through one transformer forward."""
         config = self.config
-        trajectory_level = config.method == "trajectory-dpo"
+        trajectory_level = pair.first_preferred is not None
         inputs_text = PromptEmbeds.cat([text, text]) if trajectory_level else text
         velocity = self.velocity(self.model, pair.state, pair.sigma, inputs_text)
         policy_mean = self.transition(pair.state, velocity, pair.sigma, pair.sigma_next).mean
         if trajectory_level:
-            # Each trajectory's next state under its own state's Gaussian.
+            # Each trajectory's next state under the Gaussian of its own state.
             log_ratio = dpo_log_ratio(pair.next_state, policy_mean, pair.reference_mean, pair.std, config.log_prob_reduction)
             first, second = log_ratio.chunk(2)
             preferred = torch.where(pair.first_preferred, first, second)
             other = torch.where(pair.first_preferred, second, first)
         else:
             # Both next states leave the same state: one policy mean and one reference mean serve both.
-            doubled = lambda t: torch.cat([t, t])  # noqa: E731
             log_ratio = dpo_log_ratio(
-                pair.next_state, doubled(policy_mean), doubled(pair.reference_mean), doubled(pair.std), config.log_prob_reduction
+                pair.next_state,
+                torch.cat([policy_mean, policy_mean]),
+                torch.cat([pair.reference_mean, pair.reference_mean]),
+                torch.cat([pair.std, pair.std]),
+                config.log_prob_reduction,
             )
             preferred, other = log_ratio.chunk(2)
         margin = config.beta * (preferred - other)
         losses = -F.logsigmoid(margin)
-        valid = pair.weight > 0
-        logs["implicit_accuracy"].extend((margin[valid] > 0).float().tolist())
-        logs["log_ratio_preferred"].extend(preferred[valid].tolist())
-        logs["log_ratio_other"].extend(other[valid].tolist())
+        # A tie carries no preference: it counts as chance in the implicit accuracy.
+        correct = torch.where(pair.weight > 0, (margin > 0).float(), torch.full_like(margin, 0.5))
+        stats["implicit_accuracy"].extend(correct.tolist())
+        stats["log_ratio_preferred"].extend(preferred.detach().tolist())
+        stats["log_ratio_other"].extend(other.detach().tolist())
         return (losses * pair.weight).sum() / len(losses)
 
     def training_step(self, step: int) -> StepOutput:
@@ -266,37 +291,35 @@ class TailorPOTrainer(BaseTrainer):
         prompts = [self.prompts[i] for i in self.indices_for_step(step)]
         text = self.text_for(prompts)
         noise = self.adapter.make_noise(
-            len(prompts), size, size, self.generator(step, _NOISE_STREAM, per_process=False), accelerator.device, self.weight_dtype
+            len(prompts), size, size, self.generator(step, _NOISE_STREAM, per_process=False), accelerator.device, torch.float32
         )
+        # Which ranked steps enter the loss is drawn first, so that only those pay for a reference forward.
+        ranked = config.ranked_steps()
+        trained_count = max(1, round(config.trained_step_fraction * len(ranked)))
+        order = torch.randperm(len(ranked), generator=self.generator(step, _TRAINED_STEPS_STREAM, per_process=True))
+        trained_steps = {ranked[int(i)] for i in order[:trained_count]}
         sde_generator = self.generator(step, _SDE_STREAM, per_process=True)
-        logs: dict[str, float] = {}
+        logs: dict[str, float] = {"trained_steps": float(trained_count)}
         if config.method == "trajectory-dpo":
-            pairs, final_latents = self._sample_trajectory_pairs(noise, text, prompts, sde_generator, logs)
-            final_prompts = prompts * 2
+            pairs, final_rewards = self._sample_trajectory_pairs(noise, text, prompts, sde_generator, trained_steps, logs)
         else:
-            pairs, final_latents = self._sample_stepwise_pairs(noise, text, prompts, sde_generator, logs)
-            final_prompts = prompts
-        with torch.no_grad():
-            logs["reward"] = self.decode_and_score(final_latents.float(), final_prompts).mean().item()
+            pairs, final_latents = self._sample_stepwise_pairs(noise, text, prompts, sde_generator, trained_steps, logs)
+            with torch.no_grad():
+                final_rewards = self.decode_and_score(final_latents, prompts)
+        logs["reward"] = final_rewards.mean().item()
 
-        trained_count = max(1, round(config.trained_step_fraction * len(pairs)))
-        order = torch.randperm(len(pairs), generator=self.generator(step, _TRAINED_STEPS_STREAM, per_process=True))
-        trained = [pairs[int(i)] for i in order[:trained_count].sort().values]
-        per_pair: dict[str, list[float]] = {"implicit_accuracy": [], "log_ratio_preferred": [], "log_ratio_other": []}
+        stats: dict[str, list[float]] = {"implicit_accuracy": [], "log_ratio_preferred": [], "log_ratio_other": []}
 
         def loss_of(pair: PreferencePair) -> Callable[[], torch.Tensor]:
             def compute() -> torch.Tensor:
-                loss = self.dpo_loss(pair, text, per_pair)
-                if pair is trained[-1]:
-                    # Every process logs the same keys: NaN-free defaults when every trained pair tied.
-                    for key, values in per_pair.items():
-                        logs[key] = sum(values) / len(values) if values else 0.0
+                loss = self.dpo_loss(pair, text, stats)
+                if pair is pairs[-1]:
+                    logs.update({key: sum(values) / len(values) for key, values in stats.items()})
                 return loss
 
             return compute
 
-        logs["trained_steps"] = float(trained_count)
-        return StepOutput(losses=[loss_of(pair) for pair in trained], logs=logs)
+        return StepOutput(losses=[loss_of(pair) for pair in pairs], logs=logs)
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
