@@ -1,4 +1,5 @@
-"""The baselines in the same machinery (SPEC section 3): Direct-Align without SRP, SRPO without inversion, ReFL, DRaFT-K."""
+"""The baselines in the same machinery (SPEC section 3): Direct-Align without SRP, SRPO without inversion, ReFL, DRaFT-K;
+and what every method of the family shares (TailorPO's own tests are in test_trainer_tailorpo.py)."""
 
 import pytest
 import torch
@@ -117,8 +118,11 @@ def test_baseline_defaults():
         ("refl", {}),
         ("draft", {"draft_k": 1}),
         ("draft", {"draft_k": 0}),
+        ("tailorpo", {}),
+        ("tailorpo-g", {}),
+        ("trajectory-dpo", {}),
     ],
-    ids=["direct-align", "srpo-no-inversion", "refl", "draft-1", "draft-full"],
+    ids=["direct-align", "srpo-no-inversion", "refl", "draft-1", "draft-full", "tailorpo", "tailorpo-g", "trajectory-dpo"],
 )
 def test_each_method_trains_only_its_trainable_parameters(tmp_path, method, overrides):
     pipe = tiny_flux_pipeline(seed=0)

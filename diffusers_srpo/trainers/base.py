@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Random stream of an update's starting noise (see BaseTrainer.generator); methods number theirs from 2.
+NOISE_STREAM = 1
 
 
 @dataclass
@@ -269,6 +271,17 @@ class BaseTrainer:
         """A CPU generator for one purpose (``stream``) of one update; shared by all processes unless ``per_process``."""
         rank = self.accelerator.process_index if per_process else -1
         return torch.Generator().manual_seed(_mix_seed(self.config.seed, step, stream, rank))
+
+    def step_prompts(self, step: int) -> tuple[list[str], PromptEmbeds]:
+        """This process's prompts of an update and their text conditioning."""
+        prompts = [self.prompts[i] for i in self.indices_for_step(step)]
+        return prompts, self.text_for(prompts)
+
+    def step_noise(self, step: int, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The starting noise of an update: the same on every process (their prompts differ), packed latents."""
+        size = self.config.resolution
+        generator = self.generator(step, NOISE_STREAM, per_process=False)
+        return self.adapter.make_noise(batch_size, size, size, generator, self.accelerator.device, dtype or self.weight_dtype)
 
     # ----------------------------------------------------------------------------------- sampling
     @torch.no_grad()

@@ -8,8 +8,6 @@ from torch.utils.checkpoint import checkpoint
 from .base import BaseTrainer, StepOutput
 from .config import DRaFTConfig
 
-_NOISE_STREAM = 1
-
 
 class DRaFTTrainer(BaseTrainer):
     """DRaFT-K in the SRPO machinery: the rollout runs without gradient to ``K`` steps before the end, then the
@@ -41,12 +39,8 @@ class DRaFTTrainer(BaseTrainer):
 
     def training_step(self, step: int) -> StepOutput:
         config, accelerator = self.config, self.accelerator
-        size = config.resolution
-        prompts = [self.prompts[i] for i in self.indices_for_step(step)]
-        text = self.text_for(prompts)
-        noise = self.adapter.make_noise(
-            len(prompts), size, size, self.generator(step, _NOISE_STREAM, per_process=False), accelerator.device, self.weight_dtype
-        )
+        prompts, text = self.step_prompts(step)
+        noise = self.step_noise(step, len(prompts))
         sigmas = self.rollout_sigmas
         first_gradient_step = len(sigmas) - 1 - config.gradient_steps
         start = self.sample_latents(noise, text, sigmas[: first_gradient_step + 1], config.rollout_guidance)

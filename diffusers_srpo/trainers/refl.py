@@ -7,8 +7,8 @@ import torch
 from .base import BaseTrainer, StepOutput
 from .config import ReFLConfig
 
-# Independent random streams of one update (see BaseTrainer.generator).
-_NOISE_STREAM, _STEP_STREAM = 1, 3
+# Random stream of the late step (see BaseTrainer.generator).
+_STEP_STREAM = 3
 
 
 class ReFLTrainer(BaseTrainer):
@@ -40,11 +40,8 @@ class ReFLTrainer(BaseTrainer):
     def training_step(self, step: int) -> StepOutput:
         config, accelerator = self.config, self.accelerator
         size = config.resolution
-        prompts = [self.prompts[i] for i in self.indices_for_step(step)]
-        text = self.text_for(prompts)
-        noise = self.adapter.make_noise(
-            len(prompts), size, size, self.generator(step, _NOISE_STREAM, per_process=False), accelerator.device, self.weight_dtype
-        )
+        prompts, text = self.step_prompts(step)
+        noise = self.step_noise(step, len(prompts))
         index = self.late_step_index(step)
         sigma = self.rollout_sigmas[index]
         latents = self.sample_latents(noise, text, self.rollout_sigmas[: index + 1], config.rollout_guidance)

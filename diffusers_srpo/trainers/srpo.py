@@ -11,8 +11,8 @@ from .config import SRPOConfig
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-# Independent random streams of one update (see BaseTrainer.generator).
-_NOISE_STREAM, _SIGMA_STREAM = 1, 2
+# Random stream of the training sigmas (see BaseTrainer.generator).
+_SIGMA_STREAM = 2
 
 
 class SRPOTrainer(BaseTrainer):
@@ -96,9 +96,7 @@ class SRPOTrainer(BaseTrainer):
         prompts = [self.prompts[i] for i in indices]
         text = self.text_for(prompts)
         # The noise prior is the same on every process for an update; prompts and timesteps differ.
-        noise = self.adapter.make_noise(
-            len(prompts), size, size, self.generator(step, _NOISE_STREAM, per_process=False), device, self.weight_dtype
-        )
+        noise = self.step_noise(step, len(prompts))
         x0 = self.clean_latents(noise, text, indices)
         sigmas = scheduler.sample_training_sigmas(
             len(prompts), generator=self.generator(step, _SIGMA_STREAM, per_process=True)

@@ -31,7 +31,7 @@ from .base import BaseTrainer, StepOutput
 from .config import TailorPOConfig
 
 # Independent random streams of one update (see BaseTrainer.generator).
-_NOISE_STREAM, _SDE_STREAM, _TRAINED_STEPS_STREAM = 1, 4, 5
+_SDE_STREAM, _TRAINED_STEPS_STREAM = 4, 5
 
 
 @dataclass
@@ -286,13 +286,9 @@ class TailorPOTrainer(BaseTrainer):
         return (losses * pair.weight).sum() / len(losses)
 
     def training_step(self, step: int) -> StepOutput:
-        config, accelerator = self.config, self.accelerator
-        size = config.resolution
-        prompts = [self.prompts[i] for i in self.indices_for_step(step)]
-        text = self.text_for(prompts)
-        noise = self.adapter.make_noise(
-            len(prompts), size, size, self.generator(step, _NOISE_STREAM, per_process=False), accelerator.device, torch.float32
-        )
+        config = self.config
+        prompts, text = self.step_prompts(step)
+        noise = self.step_noise(step, len(prompts), torch.float32)
         # Which ranked steps enter the loss is drawn first, so that only those pay for a reference forward.
         ranked = config.ranked_steps()
         trained_count = max(1, round(config.trained_step_fraction * len(ranked)))
