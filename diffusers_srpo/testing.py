@@ -29,6 +29,7 @@ __all__ = [
     "tiny_open_clip_model",
     "save_open_clip_local_dir",
     "tiny_clip_reward",
+    "tiny_trainer_config",
     "tiny_transformers_clip_model",
     "save_transformers_clip_dir",
     "save_hps_checkpoint",
@@ -300,6 +301,31 @@ def tiny_clip_reward(seed: int = 0, config: TinyCLIPConfig | None = None):
     from diffusers_srpo.rewards import CLIPReward
 
     return CLIPReward(tiny_open_clip_model(seed, config), open_clip.get_tokenizer("ViT-H-14"))
+
+
+def tiny_trainer_config(method: str, output_dir: str, **overrides):
+    """The config of ``method``'s trainer for :func:`tiny_flux_pipeline` at 32x32: 2 fp32 updates of a rank-4 LoRA
+    at lr 1e-3, 4 rollout steps, no checkpoint or validation; ``overrides`` set any field."""
+    from diffusers_srpo.trainers import trainer_class_for
+
+    values = dict(
+        method=method,
+        output_dir=str(output_dir),
+        seed=0,
+        max_train_steps=2,
+        resolution=32,
+        rollout_steps=4,
+        max_sequence_length=16,
+        mixed_precision="no",
+        learning_rate=1e-3,
+        max_grad_norm=1.0,
+        lora_rank=4,
+        lora_alpha=4.0,
+        checkpointing_steps=0,
+        validation_steps=0,
+    )
+    values.update(overrides)
+    return trainer_class_for(method).config_class(**values)
 
 
 def save_open_clip_local_dir(model, directory: str, config: TinyCLIPConfig | None = None) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusers_srpo.rewards import CallableReward, PromptTemplateReward
-from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline
+from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline, tiny_trainer_config
 from diffusers_srpo.trainers import (
     METHODS,
     DRaFTConfig,
@@ -23,27 +23,10 @@ ROLLOUT_STEPS = 4
 
 
 def make_trainer(tmp_path, method, name="run", pipe=None, reward=None, **overrides):
-    trainer_class = trainer_class_for(method)
-    values = dict(
-        method=method,
-        output_dir=str(tmp_path / name),
-        seed=0,
-        max_train_steps=2,
-        resolution=SIZE,
-        rollout_steps=ROLLOUT_STEPS,
-        max_sequence_length=16,
-        mixed_precision="no",
-        learning_rate=1e-3,
-        max_grad_norm=1.0,
-        lora_rank=4,
-        lora_alpha=4.0,
-        checkpointing_steps=0,
-        validation_steps=0,
-    )
-    values.update(overrides)
     pipe = pipe if pipe is not None else tiny_flux_pipeline(seed=0)
     reward = reward if reward is not None else tiny_clip_reward(seed=0)
-    return trainer_class(pipe, reward=reward, prompts=PROMPTS, config=trainer_class.config_class(**values))
+    config = tiny_trainer_config(method, tmp_path / name, **{"rollout_steps": ROLLOUT_STEPS, **overrides})
+    return trainer_class_for(method)(pipe, reward=reward, prompts=PROMPTS, config=config)
 
 
 class ForwardRecorder:

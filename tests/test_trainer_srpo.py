@@ -13,30 +13,14 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from diffusers_srpo import SRPOConfig, SRPOTrainer
-from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline
+from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline, tiny_trainer_config
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
 SIZE = 32
 
 
 def make_config(tmp_path, name="run", **overrides):
-    values = dict(
-        output_dir=str(tmp_path / name),
-        seed=0,
-        max_train_steps=2,
-        resolution=SIZE,
-        rollout_steps=4,
-        max_sequence_length=16,
-        mixed_precision="no",
-        learning_rate=1e-3,
-        max_grad_norm=1.0,
-        lora_rank=4,
-        lora_alpha=4.0,
-        checkpointing_steps=0,
-        validation_steps=0,
-    )
-    values.update(overrides)
-    return SRPOConfig(**values)
+    return tiny_trainer_config("srpo", tmp_path / name, **overrides)
 
 
 def make_trainer(tmp_path, name="run", pipe=None, reward=None, prompts=PROMPTS, **overrides):
@@ -356,7 +340,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     from diffusers_srpo import SRPOConfig, SRPOTrainer
-    from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline
+    from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline, tiny_trainer_config
 
     out = sys.argv[1]
     config = SRPOConfig(output_dir=out, seed=0, max_train_steps=2, resolution=32, rollout_steps=4, max_sequence_length=16,

@@ -12,7 +12,7 @@ import torch
 
 from diffusers_srpo.flow_sde import dpo_log_ratio, flow_sde_transition
 from diffusers_srpo.rewards import CallableReward
-from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline
+from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline, tiny_trainer_config
 from diffusers_srpo.trainers import TailorPOConfig, TailorPOTrainer
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
@@ -21,27 +21,10 @@ ROLLOUT_STEPS = 4
 
 
 def make_trainer(tmp_path, method="tailorpo", name="run", pipe=None, reward=None, **overrides):
-    values = dict(
-        method=method,
-        output_dir=str(tmp_path / name),
-        seed=0,
-        max_train_steps=2,
-        resolution=SIZE,
-        rollout_steps=ROLLOUT_STEPS,
-        max_sequence_length=16,
-        mixed_precision="no",
-        learning_rate=1e-3,
-        max_grad_norm=1.0,
-        lora_rank=4,
-        lora_alpha=4.0,
-        checkpointing_steps=0,
-        validation_steps=0,
-        tie_threshold=0.0,
-    )
-    values.update(overrides)
     pipe = pipe if pipe is not None else tiny_flux_pipeline(seed=0)
     reward = reward if reward is not None else tiny_clip_reward(seed=0)
-    return TailorPOTrainer(pipe, reward=reward, prompts=PROMPTS, config=TailorPOConfig(**values))
+    config = tiny_trainer_config(method, tmp_path / name, **{"rollout_steps": ROLLOUT_STEPS, "tie_threshold": 0.0, **overrides})
+    return TailorPOTrainer(pipe, reward=reward, prompts=PROMPTS, config=config)
 
 
 def brightness(images, prompts):
