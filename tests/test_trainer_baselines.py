@@ -192,13 +192,30 @@ def test_refl_estimate_is_x_minus_sigma_v_at_the_sampled_late_step(tmp_path):
 
 def test_a_reward_above_the_hinge_threshold_is_warned_about_and_logged(tmp_path, caplog):
     """A reward on another scale (aesthetic ~5) is above the default threshold 0.7: nothing would train."""
+    from diffusers_srpo.trainers.base import HINGE_PATIENCE
+
     high = CallableReward(lambda images, prompts: 5.0 + images.mean(dim=(1, 2, 3)))
     with caplog.at_level("WARNING", logger="diffusers_srpo.trainers.base"):
-        history = make_trainer(tmp_path, "refl", reward=high).train()
-    assert [h["hinge_active"] for h in history] == [0.0, 0.0] and history[0]["loss"] == 0.0
-    assert sum("above hinge_threshold=0.7" in r.message for r in caplog.records) == 1  # once, not every update
-    history = make_trainer(tmp_path, "refl", name="raised", reward=high, hinge_threshold=10.0).train()
+        history = make_trainer(tmp_path, "refl", reward=high, max_train_steps=HINGE_PATIENCE + 2).train()
+    assert all(h["hinge_active"] == 0.0 and h["loss"] == 0.0 for h in history)
+    warnings = [r.message for r in caplog.records if "above hinge_threshold=0.7" in r.message]
+    assert len(warnings) == 1, warnings  # once, after HINGE_PATIENCE updates in a row
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffusers_srpo.trainers.base"):
+        history = make_trainer(tmp_path, "refl", name="raised", reward=high, hinge_threshold=10.0).train()
     assert history[0]["hinge_active"] == 1.0 and history[0]["loss"] > 0
+    assert not any("hinge_threshold" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("method", ["srpo", "draft", "tailorpo"])
+def test_full_fine_tune_of_bf16_weights_without_autocast(tmp_path, method):
+    """The master weights become fp32, and the transformer's inputs follow them (they stayed bf16 before)."""
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.transformer.to(torch.bfloat16)
+    trainer = make_trainer(tmp_path, method, pipe=pipe, use_lora=False, max_train_steps=1, learning_rate=1e-4)
+    assert trainer.weight_dtype == torch.float32
+    history = trainer.train()
+    assert torch.isfinite(torch.tensor(history[0]["loss"]))
 
 
 def test_plain_reward_methods_refuse_an_srp_reward(tmp_path):

@@ -74,6 +74,7 @@ def test_at_initialisation_the_log_ratio_is_zero_and_the_loss_is_log_2(tmp_path,
     for loss in losses:
         assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
     assert output.logs["log_ratio_preferred"] == 0.0 and output.logs["log_ratio_other"] == 0.0
+    assert output.logs["implicit_accuracy"] == 0.5  # a margin of exactly 0 is no preference
 
 
 def test_one_sgd_step_raises_log_pi_of_the_preferred_state_and_lowers_the_other(tmp_path):

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Updates in a row without any sample under the hinge threshold before the trainer warns.
+HINGE_PATIENCE = 5
 # Random stream of an update's starting noise (see BaseTrainer.generator); methods number theirs from 2.
 NOISE_STREAM = 1
 
@@ -100,7 +102,7 @@ class BaseTrainer:
         )
         self.global_step = 0
         self.history: list[dict[str, float]] = []
-        self._warned_inactive_hinge = False
+        self._inactive_hinge_updates = 0
         self.prompt_cache: dict[str, PromptEmbeds] = {}
         self._setup_models()
 
@@ -169,7 +171,6 @@ class BaseTrainer:
         device = accelerator.device
         pipe = self.pipe
         transformer = pipe.transformer
-        self.weight_dtype = transformer.dtype
 
         for module in [transformer, pipe.vae, *self.adapter.text_encoders()]:
             module.requires_grad_(False)
@@ -191,6 +192,8 @@ class BaseTrainer:
             # Full fine-tune: master weights in fp32; autocast gives the compute precision.
             transformer.to(torch.float32)
             transformer.requires_grad_(True)
+        # The dtype of the frozen transformer weights, in which its inputs are given (fp32 for a full fine-tune).
+        self.weight_dtype = transformer.dtype
         transformer.to(device)
         pipe.vae.to(device)
         self.adapter.enable_gradient_checkpointing(config.gradient_checkpointing, config.vae_gradient_checkpointing)
@@ -301,17 +304,10 @@ class BaseTrainer:
         return self.reward(self.adapter.decode(latents, size, size), prompts)
 
     def hinge_loss(self, scores: torch.Tensor, logs: dict[str, float], log_key: str = "hinge_active") -> torch.Tensor:
-        """``mean(relu(threshold - reward))``; logs the fraction of samples under the threshold (the only ones that
-        train) and warns when none is: a reward on another scale than the threshold trains nothing."""
+        """``mean(relu(threshold - reward))``; logs the fraction of samples under the threshold, the only ones that
+        train (``train`` warns when it stays 0)."""
         threshold = self.config.hinge_threshold
-        active = (scores.detach() < threshold).float().mean().item()
-        logs[log_key] = active
-        if active == 0 and not self._warned_inactive_hinge:
-            self._warned_inactive_hinge = True
-            logger.warning(
-                "every reward of this update (mean %.3f) is above hinge_threshold=%s, so the loss and its gradient "
-                "are 0: raise hinge_threshold above the reward's range", scores.detach().mean().item(), threshold
-            )
+        logs[log_key] = (scores.detach() < threshold).float().mean().item()
         return torch.relu(threshold - scores).mean()
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -495,6 +491,20 @@ class BaseTrainer:
         return path
 
     # ----------------------------------------------------------------------------------- the loop
+    def _check_hinge(self, logs: dict[str, float]) -> None:
+        """Warn once when no sample of any process was under the hinge threshold for HINGE_PATIENCE updates in a
+        row: a reward on another scale than the threshold (aesthetic ~5 against 0.7) trains nothing."""
+        active = [value for key, value in logs.items() if key.startswith("hinge_active")]
+        if not active:
+            return
+        self._inactive_hinge_updates = self._inactive_hinge_updates + 1 if max(active) == 0 else 0
+        if self._inactive_hinge_updates == HINGE_PATIENCE and self.accelerator.is_main_process:
+            logger.warning(
+                "for %d updates every reward was above hinge_threshold=%s (last mean %.3f), so the loss and its "
+                "gradient were 0: raise hinge_threshold above the reward's range",
+                HINGE_PATIENCE, self.config.hinge_threshold, logs.get("reward", float("nan")),
+            )  # fmt: skip
+
     def _iterate_steps(self) -> Iterator[int]:
         from tqdm.auto import tqdm
 
@@ -557,6 +567,7 @@ class BaseTrainer:
             means = accelerator.reduce(torch.tensor([output.logs[k] for k in names], device=accelerator.device), "mean")
             logs = dict(zip(names, means.tolist(), strict=True))
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+            self._check_hinge(logs)
             if on_update is not None:
                 on_update(self, logs)
             self.history.append(logs)

@@ -125,7 +125,7 @@ class SRPOTrainer(BaseTrainer):
                         scores = self.reward(images, prompts, k=discount, swap=swap, step=step)
                     else:
                         scores = self.reward(images, prompts)
-                loss = self.hinge_loss(scores, logs, log_key=f"hinge_active_{name}")
+                loss = self.hinge_loss(scores, logs, log_key="hinge_active" if name == "denoise" else f"hinge_active_{name}")
                 logs[f"reward_{name}"] = scores.detach().mean().item()
                 if name == "denoise":
                     logs["reward"] = logs["reward_denoise"]

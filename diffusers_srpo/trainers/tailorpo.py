@@ -278,8 +278,8 @@ class TailorPOTrainer(BaseTrainer):
             preferred, other = log_ratio.chunk(2)
         margin = config.beta * (preferred - other)
         losses = -F.logsigmoid(margin)
-        # A tie carries no preference: it counts as chance in the implicit accuracy.
-        correct = torch.where(pair.weight > 0, (margin > 0).float(), torch.full_like(margin, 0.5))
+        # A tie, or a margin of exactly 0 (policy = reference), carries no preference: it counts as chance.
+        correct = torch.where((pair.weight > 0) & (margin != 0), (margin > 0).float(), torch.full_like(margin, 0.5))
         stats["implicit_accuracy"].extend(correct.tolist())
         stats["log_ratio_preferred"].extend(preferred.detach().tolist())
         stats["log_ratio_other"].extend(other.detach().tolist())
