@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from types import MappingProxyType
 
 import torch
 
@@ -20,6 +21,25 @@ from .oracles import oracle_labels
 from .reward import load_reward
 
 CONTENT_PROMPTS = tuple(sorted({attributes.content for attributes in all_attribute_combinations()}))
+
+#: The trainer settings of every training run on the toy world (the demo's, and benchmarks/compare_methods.py's
+#: for every method): the shipped generator's resolution and text length, its 8-step rollout, fp32 on the CPU,
+#: a rank-8 LoRA, gradients clipped at 1.
+TOY_TRAINER_SETTINGS = MappingProxyType(
+    {
+        "max_grad_norm": 1.0,
+        "resolution": IMAGE_SIZE,
+        "rollout_steps": 8,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "mixed_precision": "no",
+        "cpu": True,
+        "lora_rank": 8,
+        "lora_alpha": 8.0,
+    }
+)
+#: The evaluation noises are seeds EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + 1, ...: the same whatever the
+#: training seed.
+EVALUATION_SEED_BASE = 10_000
 
 
 def style_attribute_of(word: str) -> str:
@@ -47,19 +67,36 @@ def check_control_words(positive_word: str, negative_word: str) -> str:
 @torch.no_grad()
 def measure(trainer, srp, prompts: list[str], seeds: list[int], positive_word: str) -> tuple[dict, torch.Tensor]:
     """Oracle and reward numbers of the trainer's current model on fixed noises, and the first seed's images."""
-    attribute = style_attribute_of(positive_word)
     batches = [trainer.generate_images(prompts, seed) for seed in seeds]
     images = torch.cat(batches)
-    predicted = oracle_labels(images)
-    expected_words = [prompt.split() for prompt in prompts] * len(seeds)  # "a red circle"
-    target = ATTRIBUTE_VALUES[attribute].index(positive_word)
     numbers = {
-        f"oracle_{positive_word}_fraction": (predicted[attribute] == target).float().mean().item(),
-        "oracle_colour_accuracy": _accuracy(predicted["colour"], [w[1] for w in expected_words], "colour"),
-        "oracle_shape_accuracy": _accuracy(predicted["shape"], [w[2] for w in expected_words], "shape"),
+        **oracle_numbers(images, prompts * len(seeds), positive_word),
         "evaluation_srp": srp(images, prompts * len(seeds)).mean().item(),
     }
     return numbers, batches[0]
+
+
+def oracle_numbers(images: torch.Tensor, prompts: list[str], positive_word: str) -> dict[str, float]:
+    """What the oracles read from images of content prompts (``prompts[i]`` is image i's, "a red circle"):
+    ``oracle_{positive_word}_fraction`` (the images showing the style value ``positive_word`` names), and
+    ``oracle_colour_accuracy`` and ``oracle_shape_accuracy`` (the images whose colour / shape is the prompt's)."""
+    attribute = style_attribute_of(positive_word)
+    expected_words = [_content_words(prompt) for prompt in prompts]
+    predicted = oracle_labels(images)
+    target = ATTRIBUTE_VALUES[attribute].index(positive_word)
+    return {
+        f"oracle_{positive_word}_fraction": (predicted[attribute] == target).float().mean().item(),
+        "oracle_colour_accuracy": _accuracy(predicted["colour"], [w[1] for w in expected_words], "colour"),
+        "oracle_shape_accuracy": _accuracy(predicted["shape"], [w[2] for w in expected_words], "shape"),
+    }
+
+
+def _content_words(prompt: str) -> list[str]:
+    """``"a red circle"`` -> ``["a", "red", "circle"]``; a clear error for any other prompt."""
+    words = prompt.split()
+    if len(words) != 3 or words[1] not in ATTRIBUTE_VALUES["colour"] or words[2] not in ATTRIBUTE_VALUES["shape"]:
+        raise ValueError(f"the oracles check content prompts 'a {{colour}} {{shape}}' only, got {prompt!r}")
+    return words
 
 
 def _accuracy(predicted: torch.Tensor, expected: list[str], attribute: str) -> float:
@@ -89,19 +126,12 @@ def run_demo(
 
     check_control_words(positive_word, negative_word)
     config = SRPOConfig(
+        **TOY_TRAINER_SETTINGS,
         output_dir=output_dir,
         overwrite_output_dir=overwrite_output_dir,
         seed=seed,
         max_train_steps=max_train_steps,
         learning_rate=learning_rate,
-        max_grad_norm=1.0,
-        resolution=IMAGE_SIZE,
-        rollout_steps=8,
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        mixed_precision="no",
-        cpu=True,
-        lora_rank=8,
-        lora_alpha=8.0,
         positive_words=[positive_word],
         negative_words=[negative_word],
         word_schedule="fixed",
@@ -113,7 +143,7 @@ def run_demo(
     prompts = list(CONTENT_PROMPTS)
     trainer = SRPOTrainer(load_pipeline(), reward=reward, prompts=prompts, config=config)
     srp = SemanticRelativeReward(reward, [positive_word], [negative_word], word_schedule="fixed")
-    seeds = [10_000 + i for i in range(evaluation_seeds)]  # the same noises whatever the training seed
+    seeds = [EVALUATION_SEED_BASE + i for i in range(evaluation_seeds)]  # the same noises whatever the training seed
 
     before, images_before = measure(trainer, srp, prompts, seeds, positive_word)
 
