@@ -1,8 +1,8 @@
 """The ``diffusers-srpo`` command line: ``train``, ``sample``, ``demo`` and ``extract-lora``.
 
 Every option comes from a dataclass field (for ``train``, the config class of ``--method``: ``SRPOConfig`` by
-default), so the help text of a field is its ``--help`` line. Bad command lines stop with one ``diffusers-srpo <command>: error: ...`` line and a
-non-zero exit before anything is loaded or written.
+default), so the help text of a field is its ``--help`` line. Bad command lines stop with one
+``diffusers-srpo <command>: error: ...`` line and a non-zero exit before anything is loaded or written.
 """
 
 from __future__ import annotations

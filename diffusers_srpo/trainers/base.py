@@ -291,12 +291,16 @@ class BaseTrainer:
     def sample_latents(self, noise: torch.Tensor, text: PromptEmbeds, sigmas: torch.Tensor, guidance: float) -> torch.Tensor:
         """Euler integration of the flow ODE along ``sigmas`` with the current model, no gradient."""
         latents = noise
-        size = self.config.resolution
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-            # Through the prepared model: under FSDP only the wrapper holds whole parameters.
-            velocity = self.adapter.predict_velocity(self.model, latents, sigma, text, guidance, size, size)
-            latents = latents + (sigma_next - sigma) * velocity
+            latents = self.euler_step(latents, sigma, sigma_next, text, guidance)
         return latents
+
+    def euler_step(self, latents: torch.Tensor, sigma, sigma_next, text: PromptEmbeds, guidance: float) -> torch.Tensor:
+        """One Euler step ``x + (sigma_next - sigma) * v`` of the current model (with gradient where enabled)."""
+        size = self.config.resolution
+        # Through the prepared model: under FSDP only the wrapper holds whole parameters.
+        velocity = self.adapter.predict_velocity(self.model, latents, sigma, text, guidance, size, size)
+        return latents + (sigma_next - sigma) * velocity
 
     def decode_and_score(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Packed latents -> images -> the reward ``[B]``, differentiable in the latents."""

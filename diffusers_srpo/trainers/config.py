@@ -283,9 +283,19 @@ class SRPOConfig(RewardLossConfig):
             raise ValueError("x0_source='dataset' needs image_folder, got None")
 
 
-def _check_fraction_window(name: str, start: float, end: float) -> None:
+def _steps_in_window(rollout_steps: int, start: float, end: float) -> list[int]:
+    """The rollout step indices ``i`` with ``start <= i / rollout_steps < end``."""
+    return [i for i in range(rollout_steps) if start <= i / rollout_steps < end]
+
+
+def _check_step_window(name: str, what: str, start: float, end: float, rollout_steps: int) -> None:
     if not 0 <= start < end <= 1:
         raise ValueError(f"{name}_start/{name}_end must satisfy 0 <= start < end <= 1, got ({start!r}, {end!r})")
+    if not _steps_in_window(rollout_steps, start, end):
+        raise ValueError(
+            f"the {what} window [{start}, {end}) holds no step of a {rollout_steps}-step rollout: widen it or raise "
+            "rollout_steps"
+        )
 
 
 @dataclass
@@ -310,17 +320,11 @@ class ReFLConfig(RewardLossConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_fraction_window("refl_window", self.refl_window_start, self.refl_window_end)
-        if not self.refl_steps():
-            raise ValueError(
-                f"the ReFL window [{self.refl_window_start}, {self.refl_window_end}) holds no step of a "
-                f"{self.rollout_steps}-step rollout: widen it or raise rollout_steps"
-            )
+        _check_step_window("refl_window", "ReFL", self.refl_window_start, self.refl_window_end, self.rollout_steps)
 
     def refl_steps(self) -> list[int]:
         """The rollout step indices the gradient step is drawn from."""
-        n = self.rollout_steps
-        return [i for i in range(n) if self.refl_window_start <= i / n < self.refl_window_end]
+        return _steps_in_window(self.rollout_steps, self.refl_window_start, self.refl_window_end)
 
 
 @dataclass
@@ -418,12 +422,9 @@ class TailorPOConfig(TrainerConfig):
             raise ValueError(f"noise_level must be > 0 (0 makes the sampler deterministic: no density), got {self.noise_level!r}")
         if self.log_prob_reduction not in _LOG_PROB_REDUCTIONS:
             raise ValueError(f"log_prob_reduction must be one of {_LOG_PROB_REDUCTIONS}, got {self.log_prob_reduction!r}")
-        _check_fraction_window("preference_window", self.preference_window_start, self.preference_window_end)
-        if not self.ranked_steps():
-            raise ValueError(
-                f"the preference window [{self.preference_window_start}, {self.preference_window_end}) holds no step "
-                f"of a {self.rollout_steps}-step rollout: widen it or raise rollout_steps"
-            )
+        _check_step_window(
+            "preference_window", "preference", self.preference_window_start, self.preference_window_end, self.rollout_steps
+        )
         if not 0 < self.trained_step_fraction <= 1:
             raise ValueError(f"trained_step_fraction must be in (0, 1], got {self.trained_step_fraction!r}")
         if self.tie_threshold < 0:
@@ -435,5 +436,4 @@ class TailorPOConfig(TrainerConfig):
 
     def ranked_steps(self) -> list[int]:
         """The rollout step indices that draw a pair."""
-        n = self.rollout_steps
-        return [i for i in range(n) if self.preference_window_start <= i / n < self.preference_window_end]
+        return _steps_in_window(self.rollout_steps, self.preference_window_start, self.preference_window_end)

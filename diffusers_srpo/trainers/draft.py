@@ -32,11 +32,6 @@ class DRaFTTrainer(BaseTrainer):
             "gradient steps": f"the last {k} of {self.config.rollout_steps}" + (" (full chain)" if k == self.config.rollout_steps else ""),
         }
 
-    def _euler_step(self, latents, sigma, sigma_next, text) -> torch.Tensor:
-        size = self.config.resolution
-        velocity = self.adapter.predict_velocity(self.model, latents, sigma, text, self.config.rollout_guidance, size, size)
-        return latents + (sigma_next - sigma) * velocity
-
     def training_step(self, step: int) -> StepOutput:
         config, accelerator = self.config, self.accelerator
         prompts, text = self.step_prompts(step)
@@ -53,9 +48,11 @@ class DRaFTTrainer(BaseTrainer):
                     if config.gradient_checkpointing:
                         # The recompute calls the prepared (DDP) model again during backward: safe because every
                         # trainable parameter takes part in every step.
-                        latents = checkpoint(self._euler_step, latents, sigma, sigma_next, text, use_reentrant=False)
+                        latents = checkpoint(
+                            self.euler_step, latents, sigma, sigma_next, text, config.rollout_guidance, use_reentrant=False
+                        )
                     else:
-                        latents = self._euler_step(latents, sigma, sigma_next, text)
+                        latents = self.euler_step(latents, sigma, sigma_next, text, config.rollout_guidance)
                 scores = self.decode_and_score(latents, prompts)
             logs["reward"] = scores.detach().mean().item()
             return self.hinge_loss(scores, logs)
