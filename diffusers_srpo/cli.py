@@ -11,8 +11,10 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -31,6 +33,14 @@ class UsageError(Exception):
 
 class SetupError(Exception):
     """A model, reward or trainer that fails to load or to check out: reported as one line, exit status 1."""
+
+
+class StoppedError(Exception):
+    """A run that stopped early and said where its checkpoint is: one line, exit status ``status``."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 class _Parser(HfArgumentParser):
@@ -126,23 +136,96 @@ def _default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _checked_device(device: str | None) -> str:
+    """``--device`` (or the default) as a device this machine has."""
+    import torch
+
+    name = _default_device(device)
+    try:
+        parsed = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name; expected e.g. cpu, cuda or cuda:1") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
+    if parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: expected cpu or cuda")
+    return name
+
+
+def _check_finite(**values: float) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number, got {value}")
+
+
+def _check_model_source(name: str, option: str, *, transformer_folder_ok: bool = False) -> None:
+    """A local pipeline folder (``model_index.json``; or a transformer folder with ``config.json`` where
+    ``transformer_folder_ok``) or a hub id ``owner/name``; checked before anything is loaded."""
+    from .rewards.checkpoints import looks_like_hub_id
+
+    if os.path.isdir(name):
+        markers = ["model_index.json"] + (["config.json"] if transformer_folder_ok else [])
+        if not any(os.path.isfile(os.path.join(name, marker)) for marker in markers):
+            raise UsageError(f"{option} {name!r} is a folder without {' or '.join(markers)}: not a diffusers model folder")
+    elif os.path.exists(name):
+        raise UsageError(f"{option} {name!r} is a file; expected a diffusers model folder or a hub id 'owner/name'")
+    elif not looks_like_hub_id(name):
+        raise UsageError(f"{option} {name!r} is neither a local folder nor a hub id 'owner/name'")
+
+
+def _safetensors_keys(path: str, what: str) -> list[str]:
+    """The tensor names of a safetensors file, read from its header only; one line if it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except (OSError, SafetensorError) as error:
+        raise UsageError(f"{what} {path!r} is not a readable .safetensors file ({error})") from None
+
+
+def _check_lora_source(path: str) -> None:
+    """A LoRA file, or a folder holding the one ``load_lora_weights`` reads, with LoRA weights in it; or a hub id."""
+    from .rewards.checkpoints import looks_like_hub_id
+    from .trainers.base import LORA_WEIGHT_NAME
+
+    if not os.path.exists(path):
+        if looks_like_hub_id(path):
+            return
+        raise UsageError(f"LoRA {path!r} is neither a local folder or file nor a hub id 'owner/name'")
+    weights = path
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if LORA_WEIGHT_NAME in found:
+            found = [LORA_WEIGHT_NAME]
+        if len(found) != 1:
+            raise UsageError(
+                f"LoRA folder {path!r} holds {len(found)} .safetensors files; expected {LORA_WEIGHT_NAME} (or one file)"
+            )
+        weights = os.path.join(path, found[0])
+    keys = _safetensors_keys(weights, "LoRA")
+    if not any("lora" in key for key in keys):
+        raise UsageError(f"LoRA {weights!r} holds no LoRA weights (none of its {len(keys)} tensor names has 'lora')")
+
+
 def _read_config_file(path: str) -> dict:
     """The mapping a YAML or JSON settings file holds."""
+    import yaml
+
     if not os.path.isfile(path):
         raise UsageError(f"config file {path!r} does not exist (expected a .yaml, .yml or .json file)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
         if path.endswith((".yaml", ".yml")):
-            import yaml
-
             values = yaml.safe_load(text)
         elif path.endswith(".json"):
             values = json.loads(text)
         else:
             raise UsageError(f"config file {path!r} must end in .yaml, .yml or .json")
-    except (ValueError, ImportError) as error:  # JSON and YAML syntax errors are ValueErrors
-        raise UsageError(f"config file {path!r} cannot be read: {str(error).splitlines()[0]}") from None
+    except (ValueError, yaml.YAMLError) as error:  # JSON errors are ValueErrors, YAML's are not
+        reason = " ".join(str(error).split())
+        raise UsageError(f"config file {path!r} cannot be read: {reason}") from None
     values = values or {}
     if not isinstance(values, dict):
         raise UsageError(f"config file {path!r} must hold a mapping of option names to values")
@@ -179,6 +262,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from .prompts import load_prompts
     from .rewards import load_reward
+    from .rewards.registry import check_reward_spec
+    from .trainers import NonFiniteUpdatesError, TrainingInterrupted
     from .trainers.base import check_output_dir
 
     run = _dataclass_from(args, TrainArguments)
@@ -194,6 +279,9 @@ def _train(args: argparse.Namespace) -> int:
             allow_existing=bool(config.resume_from_checkpoint or config.overwrite_output_dir),
             remedy="pass --resume_from_checkpoint latest, --overwrite_output_dir, or choose another --output_dir",
         )
+        trainer_class.check_files(config)
+        check_reward_spec(run.reward)
+        _check_model_source(run.model, "--model")
     except (TypeError, ValueError, OSError) as error:
         raise UsageError(str(error)) from None
 
@@ -202,7 +290,18 @@ def _train(args: argparse.Namespace) -> int:
         trainer = trainer_class(pipe, reward=load_reward(run.reward), config=config)
     except (TypeError, ValueError, OSError) as error:
         raise SetupError(str(error)) from None
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingInterrupted as stop:
+        by = signal.Signals(stop.signal_number).name if stop.signal_number else "a signal to another process"
+        message = (
+            f"stopped by {by} after update {stop.step} of {config.max_train_steps}; the checkpoint is "
+            f"{stop.checkpoint}: to continue, run the same command with --resume_from_checkpoint latest"
+        )
+        raise StoppedError(message if trainer.accelerator.is_main_process else "", 128 + (stop.signal_number or signal.SIGTERM)) from None
+    except NonFiniteUpdatesError as stop:
+        message = f"{stop} (--resume_from_checkpoint {stop.checkpoint})"
+        raise StoppedError(message if trainer.accelerator.is_main_process else "", 1) from None
     if trainer.accelerator.is_main_process:
         what = "LoRA" if config.use_lora else "transformer"
         print(f"{config.method}: wrote the {what}, its model card and the config to {os.path.abspath(config.output_dir)}")
@@ -218,13 +317,25 @@ def _parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def _check_weight_shapes(transformer, shapes: dict, path: str) -> None:
+    """diffusers widens a layer to fit a wider LoRA (what FLUX Control LoRAs need) and then fails in the first
+    forward: a LoRA must leave every weight of the model the shape it had (``shapes``)."""
+    for name, parameter in transformer.named_parameters():
+        before = shapes.get(name.replace(".base_layer", ""))
+        if before is not None and parameter.shape != before:
+            raise ValueError(
+                f"LoRA {path!r} does not fit {name.replace('.base_layer', '')}: loading it widened the weight from "
+                f"{tuple(before)} to {tuple(parameter.shape)}; was it trained for another model?"
+            )
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
     from diffusers import FluxPipeline
     from diffusers.utils import make_image_grid
 
+    from .atomic import staged_outputs
     from .prompts import load_prompts
-    from .rewards.checkpoints import looks_like_hub_id
 
     options = _dataclass_from(args, SampleArguments)
     if not options.prompt and not options.prompt_file:
@@ -236,26 +347,34 @@ def _sample(args: argparse.Namespace) -> int:
     for name in ("num_inference_steps", "height", "width", "num_images_per_prompt", "max_sequence_length"):
         if getattr(options, name) <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(options, name)}")
+    _check_finite(guidance_scale=options.guidance_scale)
     loras = [_parse_lora(spec) for spec in options.lora or []]
     for path, _ in loras:
-        if not os.path.exists(path) and not looks_like_hub_id(path):
-            raise UsageError(f"LoRA {path!r} is neither a local folder or file nor a hub id 'owner/name'")
+        _check_lora_source(path)
     dtype = _torch_dtype(options.torch_dtype)
+    device = _checked_device(options.device)
+    if os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
+        raise UsageError(f"--output_dir {options.output_dir!r} is an existing file; expected a folder")
+    _check_model_source(options.model, "--model")
 
-    pipe = FluxPipeline.from_pretrained(options.model, torch_dtype=dtype).to(_default_device(options.device))
-    names = []
-    for index, (path, _) in enumerate(loras):
-        name = f"lora{index}"
-        pipe.load_lora_weights(path, adapter_name=name)
-        loaded = {adapter for adapters in pipe.get_list_adapters().values() for adapter in adapters}
-        # diffusers only warns when a LoRA matches no module: a silent no-op is worse than an error here.
-        if name not in loaded:
-            raise UsageError(f"LoRA {path!r} matched no module of {options.model!r}")
-        names.append(name)
+    try:
+        pipe = FluxPipeline.from_pretrained(options.model, torch_dtype=dtype).to(device)
+        names = []
+        shapes = {name: parameter.shape for name, parameter in pipe.transformer.named_parameters()}
+        for index, (path, _) in enumerate(loras):
+            name = f"lora{index}"
+            pipe.load_lora_weights(path, adapter_name=name)
+            loaded = {adapter for adapters in pipe.get_list_adapters().values() for adapter in adapters}
+            # diffusers only warns when a LoRA matches no module: a silent no-op is worse than an error here.
+            if name not in loaded:
+                raise ValueError(f"LoRA {path!r} matched no module of {options.model!r}")
+            _check_weight_shapes(pipe.transformer, shapes, path)
+            names.append(name)
+    except (TypeError, ValueError, OSError, RuntimeError) as error:  # a LoRA of another shape is a RuntimeError
+        raise SetupError(" ".join(str(error).split())) from None
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
 
-    os.makedirs(options.output_dir, exist_ok=True)
     images = pipe(
         prompts,
         height=options.height,
@@ -266,26 +385,32 @@ def _sample(args: argparse.Namespace) -> int:
         max_sequence_length=options.max_sequence_length,
         generator=torch.Generator().manual_seed(options.seed),
     ).images
-    for index, image in enumerate(images):
-        prompt = prompts[index // options.num_images_per_prompt]
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
-        image.save(os.path.join(options.output_dir, f"{index:03d}-{slug}.png"))
-    grid = os.path.join(options.output_dir, "grid.png")
-    make_image_grid(images, rows=len(prompts), cols=options.num_images_per_prompt).save(grid)
-    print(f"wrote {len(images)} images and {grid}")
+    with staged_outputs(options.output_dir) as staging:
+        for index, image in enumerate(images):
+            prompt = prompts[index // options.num_images_per_prompt]
+            slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+            image.save(os.path.join(staging, f"{index:03d}-{slug}.png"))
+        make_image_grid(images, rows=len(prompts), cols=options.num_images_per_prompt).save(os.path.join(staging, "grid.png"))
+    print(f"wrote {len(images)} images and {os.path.join(options.output_dir, 'grid.png')}")
     return 0
 
 
 # ----------------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from .toyworld.demo import check_control_words, run_demo
+    from .toyworld.demo import demo_config, run_demo
     from .trainers.base import check_output_dir
 
     options = _dataclass_from(args, DemoArguments)
     try:
-        check_control_words(options.positive_word, options.negative_word)
-        if options.max_train_steps <= 0:
-            raise ValueError(f"--max_train_steps must be a positive integer, got {options.max_train_steps}")
+        demo_config(
+            options.output_dir,
+            options.max_train_steps,
+            options.learning_rate,
+            options.seed,
+            options.positive_word,
+            options.negative_word,
+            options.overwrite_output_dir,
+        )
         check_output_dir(
             options.output_dir,
             allow_existing=options.overwrite_output_dir,
@@ -321,6 +446,7 @@ def _extract_lora(args: argparse.Namespace) -> int:
     from diffusers import FluxTransformer2DModel
 
     from . import lora
+    from .atomic import staged_outputs
     from .trainers.base import check_output_dir
 
     options = _dataclass_from(args, ExtractLoraArguments)
@@ -331,9 +457,18 @@ def _extract_lora(args: argparse.Namespace) -> int:
     if options.rank <= 0:
         raise UsageError(f"--rank must be a positive integer, got {options.rank}")
     try:
+        tuned_files = lora.transformer_weight_files(options.tuned)
+    except (ValueError, OSError) as error:
+        raise UsageError(f"--tuned: {error}") from None
+    for file in tuned_files:
+        if file.endswith(".safetensors"):
+            _safetensors_keys(file, "--tuned")
+    try:
         check_output_dir(options.output_dir, allow_existing=False, remedy="choose another --output_dir")
     except OSError as error:
         raise UsageError(str(error)) from None
+    _check_model_source(options.base, "--base", transformer_folder_ok=True)
+    device = _checked_device(options.device)
 
     try:
         tuned = lora.load_transformer_state_dict(options.tuned)
@@ -343,11 +478,9 @@ def _extract_lora(args: argparse.Namespace) -> int:
         base = FluxTransformer2DModel.from_pretrained(
             options.base, subfolder="transformer" if is_pipeline else None, torch_dtype=dtype
         )
-        extraction = lora.extract_lora(base, tuned, options.rank, device=_default_device(options.device))
+        extraction = lora.extract_lora(base, tuned, options.rank, device=device)
     except (TypeError, ValueError, OSError) as error:
         raise SetupError(str(error)) from None
-    weights = lora.save_lora(options.output_dir, extraction)
-
     report = {
         "base": options.base,
         "tuned": options.tuned,
@@ -356,9 +489,11 @@ def _extract_lora(args: argparse.Namespace) -> int:
         "unchanged_layers": extraction.unchanged_layers,
         "uncaptured": {key: dataclasses.asdict(change) for key, change in extraction.uncaptured.items()},
     }
+    with staged_outputs(options.output_dir) as staging:
+        weights = os.path.join(options.output_dir, os.path.basename(lora.save_lora(staging, extraction)))
+        with open(os.path.join(staging, "extraction_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
     report_path = os.path.join(options.output_dir, "extraction_report.json")
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
 
     errors = sorted(((layer.relative_error, name) for name, layer in extraction.layers.items()), reverse=True)
     mean_error = sum(error for error, _ in errors) / len(errors)
@@ -440,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
             subparsers["train"].set_defaults(**_config_file_values(config_file, subparsers["train"]))
         args = parser.parse_args(argv)
         return args.handler(args)
-    except (UsageError, SetupError) as error:
+    except (UsageError, SetupError, StoppedError) as error:
         prog = f"{PROG} {command}" if command in COMMANDS else PROG
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+        if str(error):  # the other processes of a multi-process run leave the line to the main one
+            print(f"{prog}: error: {error}", file=sys.stderr)
+        return error.status if isinstance(error, StoppedError) else 2 if isinstance(error, UsageError) else 1

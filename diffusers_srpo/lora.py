@@ -264,16 +264,27 @@ def load_transformer_state_dict(path: str | os.PathLike, base: nn.Module | None 
         ValueError: an unsupported file type, a file that is not a flat dict of tensors, or keys or shapes that
             differ from ``base``'s. Every message names ``path``.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    files = _weight_files_in(path) if os.path.isdir(path) else [path]
     state_dict: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in transformer_weight_files(path):
         state_dict.update(_load_weight_file(file))
     if base is not None:
         _check_state_dict_matches(base.state_dict(), state_dict, source=path)
     return state_dict
+
+
+def transformer_weight_files(path: str | os.PathLike) -> list[str]:
+    """The weight files :func:`load_transformer_state_dict` reads for ``path``, found without reading them.
+
+    Raises ``FileNotFoundError`` as that function does, and ``ValueError`` for a file of an unsupported type.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if not os.path.isdir(path):
+        if not path.endswith((".safetensors", *_PICKLE_SUFFIXES)):
+            raise ValueError(f"{path}: unsupported weight file; expected .safetensors, or {', '.join(_PICKLE_SUFFIXES)}")
+        return [path]
+    return _weight_files_in(path)
 
 
 def _weight_files_in(folder: str) -> list[str]:

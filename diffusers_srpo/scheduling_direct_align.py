@@ -18,6 +18,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
+# Not used here, but looked up here: `DiffusionPipeline.from_pretrained` finds how to load a component of a library
+# other than diffusers by the names of diffusers' base classes in the component's own module (model_index.json
+# names this module). Without it a saved pipeline holding this scheduler cannot be loaded again.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+
 from . import ops
 
 __all__ = ["DirectAlignScheduler", "DirectAlignSigmas"]
@@ -187,6 +192,15 @@ class DirectAlignScheduler(FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"direct_align_shift={direct_align_shift} is invalid: expected a finite value > 0.")
         if rollout_steps < 1:
             raise ValueError(f"rollout_steps={rollout_steps} is invalid: expected at least 1.")
+        discounts = {
+            "denoise_discount_start": denoise_discount_start,
+            "denoise_discount_end": denoise_discount_end,
+            "invert_discount_start": invert_discount_start,
+            "invert_discount_end": invert_discount_end,
+        }
+        for name, value in discounts.items():
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={value} is invalid: expected a finite value.")
 
     @property
     def branch_offset(self) -> int:

@@ -19,6 +19,19 @@ def tiny_pipe():
     return tiny_flux_pipeline(seed=0)
 
 
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny FLUX pipeline folder, a tiny open_clip reward folder and a prompt file, as a user would have them.
+    Shared by the command-line tests: they read it and write their outputs elsewhere (or into new names in it)."""
+    from diffusers_srpo.testing import save_open_clip_local_dir, tiny_flux_pipeline, tiny_open_clip_model
+
+    root = tmp_path_factory.mktemp("world")
+    tiny_flux_pipeline(seed=0).save_pretrained(root / "flux")
+    save_open_clip_local_dir(tiny_open_clip_model(seed=0), str(root / "clip"))
+    (root / "prompts.txt").write_text("a red circle\na blue square\n")
+    return root
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (the toy world's small matmuls run fastest so), restored afterwards."""
@@ -26,3 +39,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process: a test that trains with another setting than the
+    suite's usual "no" (the default config's bf16) starts from a cleared state and clears it again for the next."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

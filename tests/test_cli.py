@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from diffusers_srpo import SRPOConfig
 from diffusers_srpo.cli import COMMANDS, build_parser, main
-from diffusers_srpo.testing import save_open_clip_local_dir, tiny_flux_pipeline, tiny_open_clip_model
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
@@ -24,16 +23,6 @@ def run_cli(*args, cwd=None):
     executable = shutil.which("diffusers-srpo")
     assert executable, "the console script is not installed"
     return subprocess.run([executable, *map(str, args)], capture_output=True, text=True, timeout=600, env=ENV, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny FLUX pipeline folder, a tiny open_clip reward folder and a prompt file, as a user would have them."""
-    root = tmp_path_factory.mktemp("world")
-    tiny_flux_pipeline(seed=0).save_pretrained(root / "flux")
-    save_open_clip_local_dir(tiny_open_clip_model(seed=0), str(root / "clip"))
-    (root / "prompts.txt").write_text("a red circle\na blue square\n")
-    return root
 
 
 @pytest.fixture(scope="module")

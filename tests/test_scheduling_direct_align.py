@@ -392,3 +392,41 @@ def test_arithmetic_is_delegated_to_ops(monkeypatch, method, args):
 def test_bad_settings_raise_at_construction(settings, name):
     with pytest.raises(ValueError, match=name):
         DirectAlignScheduler(**settings)
+
+
+def test_a_pipeline_holding_the_scheduler_round_trips_save_and_load_offline(tmp_path):
+    """diffusers finds how to load a component of another library by its base classes' names in the component's own
+    module; a fresh process (offline, which imports diffusers_srpo as a user's script does) gets it back."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from diffusers_srpo.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.scheduler = DirectAlignScheduler.from_config(pipe.scheduler.config, train_window_start=3, rollout_steps=10)
+    pipe.save_pretrained(tmp_path / "pipe")
+    expected = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    script = textwrap.dedent(
+        f"""
+        import json
+        import diffusers_srpo
+        from diffusers import DiffusionPipeline, FluxPipeline
+        loaded = {{}}
+        for cls in (FluxPipeline, DiffusionPipeline):
+            pipe = cls.from_pretrained({str(tmp_path / "pipe")!r})
+            config = {{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}}
+            loaded[cls.__name__] = [type(pipe.scheduler).__module__ + "." + type(pipe.scheduler).__name__, config]
+        print(json.dumps(loaded))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("FluxPipeline", "DiffusionPipeline"):
+        kind, config = loaded[name]
+        assert kind == "diffusers_srpo.scheduling_direct_align.DirectAlignScheduler", name
+        assert config == json.loads(json.dumps(expected)), name

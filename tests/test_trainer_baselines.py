@@ -167,7 +167,7 @@ def test_refl_estimate_is_x_minus_sigma_v_at_the_sampled_late_step(tmp_path):
     for step in range(6):
         inputs.clear()
         scored.clear()
-        trainer.training_step(step).losses[0]()
+        trainer.training_step(step).losses["refl"]()
 
         assert len(inputs) == 1, "ReFL takes exactly one transformer forward with gradient"
         latents, timestep, velocity = inputs[0]
@@ -243,7 +243,7 @@ def test_draft_gradient_flows_through_exactly_the_last_k_steps(tmp_path, draft_k
     recorder = ForwardRecorder(trainer.pipe.transformer)
     output = trainer.training_step(0)
     assert recorder.with_grad == 0 and len(recorder.records) == ROLLOUT_STEPS - k  # the rollout: no gradient
-    loss = output.losses[0]()
+    loss = output.losses["draft"]()
     assert recorder.with_grad == k and len(recorder.records) == ROLLOUT_STEPS
     loss.backward()
     recorder.remove()
@@ -258,7 +258,7 @@ def test_draft_full_chain_gradient_is_the_same_with_and_without_checkpointing(tm
     gradients = []
     for checkpointing in (False, True):
         trainer = make_trainer(tmp_path, "draft", name=f"ckpt-{checkpointing}", draft_k=0, gradient_checkpointing=checkpointing)
-        trainer.training_step(0).losses[0]().backward()
+        trainer.training_step(0).losses["draft"]().backward()
         gradients.append([p.grad.clone() for p in trainer.trainable_parameters])
     assert sum(g.abs().sum() for g in gradients[0]) > 0
     for plain, checkpointed in zip(*gradients, strict=True):
@@ -272,7 +272,8 @@ def test_draft_one_step_is_refl_at_the_last_step(tmp_path):
     assert refl.late_step_index(0) == ROLLOUT_STEPS - 1
     losses = []
     for trainer in (draft, refl):
-        loss = trainer.training_step(0).losses[0]()
+        (loss_fn,) = trainer.training_step(0).losses.values()
+        loss = loss_fn()
         loss.backward()
         losses.append((loss.item(), [p.grad for p in trainer.trainable_parameters]))
     assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
@@ -282,9 +283,8 @@ def test_draft_one_step_is_refl_at_the_last_step(tmp_path):
 
 def test_a_checkpoint_of_another_method_is_refused(tmp_path):
     make_trainer(tmp_path, "refl", name="shared", max_train_steps=1, checkpointing_steps=1).train()
-    resumed = make_trainer(tmp_path, "draft", name="shared", max_train_steps=2, resume_from_checkpoint="latest")
-    with pytest.raises(ValueError, match="written by method 'refl'"):
-        resumed.train()
+    with pytest.raises(ValueError, match="written by method 'refl'"):  # refused before any model work
+        make_trainer(tmp_path, "draft", name="shared", max_train_steps=2, resume_from_checkpoint="latest")
 
 
 def test_baseline_resume_is_bit_identical(tmp_path):

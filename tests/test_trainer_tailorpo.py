@@ -69,7 +69,7 @@ def test_at_initialisation_the_log_ratio_is_zero_and_the_loss_is_log_2(tmp_path,
     trainer = make_trainer(tmp_path, method, use_lora=use_lora)
     output = trainer.training_step(0)
     assert len(output.losses) == ROLLOUT_STEPS  # every step ranked and trained by default
-    losses = [loss_fn() for loss_fn in output.losses]
+    losses = [loss_fn() for loss_fn in output.losses.values()]
     assert output.logs["tie_fraction"] == 0
     for loss in losses:
         assert loss.item() == pytest.approx(math.log(2), abs=1e-7)

@@ -24,10 +24,17 @@ def load_reward(spec: str, **kwargs) -> Reward:
     architecture name), ``aesthetic:mlp_weights`` (with ``clip=`` for a local CLIP).
     Only the first ``:`` separates, so ``clip:local-dir:/models/clip`` works.
     """
+    name, source = check_reward_spec(spec)
+    loader, _ = _LOADERS[name]
+    return loader(source, **kwargs) if source else loader(**kwargs)
+
+
+def check_reward_spec(spec: str) -> tuple[str, str]:
+    """``(name, source)`` of a ``load_reward`` spec, checked without loading anything."""
     name, _, source = spec.partition(":")
     if name.lower() not in _LOADERS:
         raise ValueError(f"unknown reward {name!r} in {spec!r}; expected one of {', '.join(REWARD_NAMES)}")
-    loader, needs_source = _LOADERS[name.lower()]
+    _, needs_source = _LOADERS[name.lower()]
     if needs_source and not source:
         raise ValueError(f"reward {name!r} needs a source: '{name}:PATH_OR_ID'; got {spec!r}")
-    return loader(source, **kwargs) if source else loader(**kwargs)
+    return name.lower(), source

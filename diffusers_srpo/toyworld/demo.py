@@ -56,6 +56,8 @@ def style_attribute_of(word: str) -> str:
 def check_control_words(positive_word: str, negative_word: str) -> str:
     """The style attribute two control words name; a clear error unless both are values of one style."""
     positive, negative = style_attribute_of(positive_word), style_attribute_of(negative_word)
+    if positive_word == negative_word:
+        raise ValueError(f"the positive and the negative control word are both {positive_word!r}; expected two values of one style")
     if positive != negative:
         raise ValueError(
             f"control words {positive_word!r} and {negative_word!r} name different styles; expected two values "
@@ -104,6 +106,34 @@ def _accuracy(predicted: torch.Tensor, expected: list[str], attribute: str) -> f
     return sum(values[int(p)] == e for p, e in zip(predicted, expected, strict=True)) / len(expected)
 
 
+def demo_config(
+    output_dir: str,
+    max_train_steps: int = 25,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    positive_word: str = "bright",
+    negative_word: str = "dark",
+    overwrite_output_dir: bool = False,
+):
+    """The demo's ``SRPOConfig``; a clear error for any bad setting, before anything is loaded."""
+    from ..trainers import SRPOConfig
+
+    check_control_words(positive_word, negative_word)
+    return SRPOConfig(
+        **TOY_TRAINER_SETTINGS,
+        output_dir=output_dir,
+        overwrite_output_dir=overwrite_output_dir,
+        seed=seed,
+        max_train_steps=max_train_steps,
+        learning_rate=learning_rate,
+        positive_words=[positive_word],
+        negative_words=[negative_word],
+        word_schedule="fixed",
+        checkpointing_steps=0,
+        validation_steps=0,
+    )
+
+
 def run_demo(
     output_dir: str,
     max_train_steps: int = 25,
@@ -121,23 +151,16 @@ def run_demo(
     0.8, but some objects fade into an empty bright canvas (which the reward scores as "bright") and the oracle's
     colour accuracy falls from 0.96 to 0.75 (benchmarks/toyworld/RESULTS.md).
     """
+    from ..atomic import staged_outputs
     from ..rewards import SemanticRelativeReward
-    from ..trainers import SRPOConfig, SRPOTrainer
+    from ..trainers import SRPOTrainer
 
-    check_control_words(positive_word, negative_word)
-    config = SRPOConfig(
-        **TOY_TRAINER_SETTINGS,
-        output_dir=output_dir,
-        overwrite_output_dir=overwrite_output_dir,
-        seed=seed,
-        max_train_steps=max_train_steps,
-        learning_rate=learning_rate,
-        positive_words=[positive_word],
-        negative_words=[negative_word],
-        word_schedule="fixed",
-        checkpointing_steps=0,
-        validation_steps=0,
+    config = demo_config(
+        output_dir, max_train_steps, learning_rate, seed, positive_word, negative_word, overwrite_output_dir
     )
+    for name, value in (("evaluation_seeds", evaluation_seeds), ("evaluate_every", evaluate_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     started = time.perf_counter()
     reward = load_reward()
     prompts = list(CONTENT_PROMPTS)
@@ -154,10 +177,6 @@ def run_demo(
     history = trainer.train(on_update=evaluate)
     after, images_after = measure(trainer, srp, prompts, seeds, positive_word)
 
-    grid_path = os.path.join(output_dir, "before_after.png")
-    save_before_after(images_before, images_after, grid_path)
-    curves_path = os.path.join(output_dir, "curves.png")
-    plot_curves(history, before, positive_word, curves_path)
     metrics = {
         "prompts": prompts,
         "control_words": {"positive": positive_word, "negative": negative_word},
@@ -168,8 +187,11 @@ def run_demo(
         "history": history,
         "seconds": time.perf_counter() - started,
     }
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    with staged_outputs(output_dir) as staging:
+        save_before_after(images_before, images_after, os.path.join(staging, "before_after.png"))
+        plot_curves(history, before, positive_word, os.path.join(staging, "curves.png"))
+        with open(os.path.join(staging, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
     return metrics
 
 

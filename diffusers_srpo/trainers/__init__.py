@@ -5,6 +5,7 @@ from .config import DRaFTConfig, ReFLConfig, RewardLossConfig, SRPOConfig, Tailo
 from .draft import DRaFTTrainer
 from .refl import ReFLTrainer
 from .srpo import SRPOTrainer
+from .stopping import NonFiniteUpdatesError, TrainingInterrupted, TrainingStopped
 from .tailorpo import TailorPOTrainer
 
 #: Every training method by name: the trainer that runs it (its config class is ``trainer.config_class``).
@@ -27,6 +28,7 @@ __all__ = [
     "BaseTrainer",
     "DRaFTConfig",
     "DRaFTTrainer",
+    "NonFiniteUpdatesError",
     "ReFLConfig",
     "ReFLTrainer",
     "RewardLossConfig",
@@ -36,5 +38,7 @@ __all__ = [
     "TailorPOConfig",
     "TailorPOTrainer",
     "TrainerConfig",
+    "TrainingInterrupted",
+    "TrainingStopped",
     "trainer_class_for",
 ]

@@ -1,10 +1,17 @@
 """The machinery every trainer of the family shares.
 
 A method (SRPO, its baselines, TailorPO) only writes ``training_step``: the loss of one update,
-returned as a list of micro-step losses (each divided by their number, then back-propagated one
+returned as named micro-step losses (each divided by their number, then back-propagated one
 after another, so that their graphs never live together) that make one optimizer step. Everything
 else lives here: accelerate, LoRA or full fine-tune, prompts and their cached embeddings,
-checkpoints and exact resume, outputs, logging and validation.
+checkpoints and exact resume, outputs, logging and validation, and how a run ends: an update with a
+non-finite number is skipped, SIGINT / SIGTERM stop cleanly after the update in progress, final outputs
+are renamed into place, and the user's pipeline is handed back as it was found, with the trained weights.
+
+What a skipped update does: the weights and the optimizer state stay exactly as they were, but the
+update still counts: the step counter (one of ``max_train_steps``) and the learning-rate schedule
+advance, and the random streams are keyed by the update's number, so the next update draws what it
+would have drawn anyway and a resumed run stays exact.
 """
 
 from __future__ import annotations
@@ -12,23 +19,34 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ..atomic import staged_outputs
 from ..models import PromptEmbeds, get_model_adapter
 from ..prompts import load_prompts
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    LORA_WEIGHT_NAME,
+    TRAINER_STATE_NAME,
+    TRANSFORMER_FOLDER,
+    checkpoint_dirs,
+    read_trainer_state,
+    resolve_resume_checkpoint,
+)
 from .config import TrainerConfig
+from .pipeline_state import PipelineState
+from .stopping import NonFiniteUpdatesError, StopRequest, TrainingInterrupted, stop_on_signals
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE_NAME = "trainer_state.json"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+__all__ = ["CHECKPOINT_PREFIX", "LORA_WEIGHT_NAME", "TRAINER_STATE_NAME", "BaseTrainer", "StepOutput", "check_output_dir"]
 # Updates in a row without any sample under the hinge threshold before the trainer warns.
 HINGE_PATIENCE = 5
 # Random stream of an update's starting noise (see BaseTrainer.generator); methods number theirs from 2.
@@ -37,14 +55,17 @@ NOISE_STREAM = 1
 
 @dataclass
 class StepOutput:
-    """What ``training_step`` hands back: one loss per micro-step and the numbers to log."""
+    """What ``training_step`` hands back: the loss of each micro-step by name (``{"denoise": fn, ...}``; the
+    same names in the same order on every process) and the numbers to log."""
 
-    losses: list[Callable[[], torch.Tensor]]
+    losses: dict[str, Callable[[], torch.Tensor]]
     logs: dict[str, float]
 
 
 def check_output_dir(output_dir: str, *, allow_existing: bool, remedy: str) -> None:
-    """Refuse an output folder that already holds files (another run's), unless ``allow_existing``."""
+    """Refuse an output folder that is a file, or that already holds files (another run's) unless ``allow_existing``."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"output_dir {output_dir!r} is an existing file; expected a folder (new or empty)")
     if not allow_existing and os.path.isdir(output_dir) and os.listdir(output_dir):
         raise FileExistsError(f"output_dir {output_dir!r} already holds files of another run; {remedy}")
 
@@ -81,12 +102,14 @@ class BaseTrainer:
         if source is None:
             raise ValueError("no training prompts: pass prompts=[...] or a path, or set config.prompt_file")
         self.prompts = load_prompts(source)
+        self.prepare_data()
         check_output_dir(
             self.config.output_dir,
             allow_existing=bool(self.config.resume_from_checkpoint or self.config.overwrite_output_dir),
             remedy="set resume_from_checkpoint='latest' to continue it, overwrite_output_dir=True to write over it, "
             "or choose another folder",
         )
+        self.resume_checkpoint = self.check_files(self.config)
         self.reward = self.prepare_reward(reward)
 
         from accelerate import Accelerator
@@ -102,15 +125,39 @@ class BaseTrainer:
         )
         self.global_step = 0
         self.history: list[dict[str, float]] = []
+        # Counters that a checkpoint carries, so that a resumed run logs and stops as the uninterrupted one.
+        self.skipped_updates = 0
+        self.consecutive_skips = 0
         self._inactive_hinge_updates = 0
         self.prompt_cache: dict[str, PromptEmbeds] = {}
-        self._setup_models()
+        self._trained = False
+        self._lora_added = False
+        self._adapters_found = bool(getattr(pipe.transformer, "peft_config", None))
+        # Recorded before anything is changed, given back by train() (or at once if the setup fails).
+        self.pipeline_state = PipelineState(
+            [pipe.transformer, pipe.vae, *self.adapter.text_encoders()], keep_on_device=[pipe.transformer, pipe.vae]
+        )
+        try:
+            self._setup_models()
+        except BaseException:
+            self._hand_back_pipeline()
+            raise
 
     @property
     def method_name(self) -> str:
         return self.config.method
 
     # ----------------------------------------------------------------------------------- hooks for methods
+    @classmethod
+    def check_files(cls, config: TrainerConfig) -> str | None:
+        """Check what ``config`` names on disk, beyond the prompts and the output folder, without any model (the
+        command line calls this before loading one): the checkpoint to resume from, returned resolved (``None``
+        for a fresh start). Methods with files of their own add their checks."""
+        return resolve_resume_checkpoint(config)
+
+    def prepare_data(self) -> None:
+        """Read the method's own training data, once the prompts are loaded (cheap work only: no model is ready)."""
+
     def prepare_reward(self, reward):
         """Check and wrap the user's reward; called before any expensive work.
 
@@ -188,6 +235,7 @@ class BaseTrainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_mix_seed(config.seed, 0x10CA))
                 transformer.add_adapter(lora_config)
+            self._lora_added = True
         else:
             # Full fine-tune: master weights in fp32; autocast gives the compute precision.
             transformer.to(torch.float32)
@@ -334,7 +382,18 @@ class BaseTrainer:
                 directory, get_peft_model_state_dict(transformer), transformer.peft_config["default"].to_dict()
             )
         else:
-            transformer.save_pretrained(os.path.join(directory, "transformer"), safe_serialization=True)
+            transformer.save_pretrained(os.path.join(directory, TRANSFORMER_FOLDER), safe_serialization=True)
+
+    def check_weights_finite(self) -> None:
+        """Refuse to write trained weights that hold a NaN or an infinity (checked before anything is written)."""
+        trained = {id(p) for p in self.trainable_parameters}
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if id(p) in trained]
+        bad = [name for name, parameter in named if not torch.isfinite(parameter.detach()).all()]
+        if bad:
+            raise ValueError(
+                f"refusing to write the trained weights: {len(bad)} of {len(named)} trained tensors are not finite "
+                f"(first: {bad[0]}); the last checkpoint written holds the last good state"
+            )
 
     def _read_model(self, directory: str) -> None:
         transformer = self.accelerator.unwrap_model(self.model)
@@ -352,7 +411,7 @@ class BaseTrainer:
         else:
             from safetensors.torch import load_file
 
-            folder = os.path.join(directory, "transformer")
+            folder = os.path.join(directory, TRANSFORMER_FOLDER)
             files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
             state = {}
             for name in files:
@@ -361,19 +420,12 @@ class BaseTrainer:
 
     def checkpoint_dirs(self) -> list[str]:
         """Complete checkpoints (those holding the trainer state, written last), oldest first."""
-        out = self.config.output_dir
-        if not os.path.isdir(out):
-            return []
-        found = []
-        for name in os.listdir(out):
-            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name)
-            if match and os.path.isfile(os.path.join(out, name, TRAINER_STATE_NAME)):
-                found.append((int(match.group(1)), os.path.join(out, name)))
-        return [path for _, path in sorted(found)]
+        return checkpoint_dirs(self.config.output_dir)
 
     def save_checkpoint(self) -> str:
         """Write ``checkpoint-N`` atomically: into a temporary folder, renamed only once complete."""
         accelerator = self.accelerator
+        self.check_weights_finite()
         final = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step}")
         partial = os.path.join(self.config.output_dir, f".partial-{CHECKPOINT_PREFIX}{self.global_step}")
         if accelerator.is_main_process and os.path.isdir(partial):
@@ -383,7 +435,17 @@ class BaseTrainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as f:
-                json.dump({"global_step": self.global_step, "method": self.method_name, "history": self.history}, f)
+                json.dump(
+                    {
+                        "global_step": self.global_step,
+                        "method": self.method_name,
+                        "skipped_updates": self.skipped_updates,
+                        "consecutive_skips": self.consecutive_skips,
+                        "inactive_hinge_updates": self._inactive_hinge_updates,
+                        "history": self.history,
+                    },
+                    f,
+                )
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -394,50 +456,36 @@ class BaseTrainer:
         accelerator.wait_for_everyone()
         return final
 
-    def _resolve_resume_path(self) -> str | None:
-        wanted = self.config.resume_from_checkpoint
-        if not wanted:
-            return None
-        if wanted == "latest":
-            found = self.checkpoint_dirs()
-            if not found:
-                logger.warning("resume_from_checkpoint='latest' but %s holds no checkpoint: starting fresh", self.config.output_dir)
-                return None
-            return found[-1]
-        if not os.path.isfile(os.path.join(wanted, TRAINER_STATE_NAME)):
-            raise FileNotFoundError(f"resume_from_checkpoint {wanted!r} is not a complete checkpoint folder (no {TRAINER_STATE_NAME})")
-        return wanted
-
     def _load_checkpoint(self, path: str) -> None:
-        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
-            state = json.load(f)
-        # Checked before loading anything; checkpoints from before the method field were all SRPO's.
-        written_by = state.get("method", "srpo")
-        if written_by != self.method_name:
-            raise ValueError(
-                f"checkpoint {path!r} was written by method {written_by!r}; this run's method is {self.method_name!r}"
-            )
+        # Checked again (it was when the trainer was built): the folder may have changed since.
+        state = read_trainer_state(path, method=self.method_name, use_lora=self.config.use_lora)
         self.accelerator.load_state(path)
         self.global_step = state["global_step"]
         self.history = state.get("history", [])
+        self.skipped_updates = state.get("skipped_updates", 0)
+        self.consecutive_skips = state.get("consecutive_skips", 0)
+        self._inactive_hinge_updates = state.get("inactive_hinge_updates", 0)
 
     # ----------------------------------------------------------------------------------- outputs
     def save_outputs(self) -> None:
-        """The final LoRA (or transformer), the config and a model card; main process only."""
+        """The final LoRA (or transformer), the config and a model card; main process only. Each is written under
+        a temporary name and renamed into place, so a kill leaves the old file (or none), never a truncated one."""
         if not self.accelerator.is_main_process:
             return
-        out = self.config.output_dir
-        os.makedirs(out, exist_ok=True)
-        self._write_model(out)
-        self.config.to_json_file(os.path.join(out, self.config_file_name))
-        with open(os.path.join(out, "README.md"), "w") as f:
-            f.write(self.model_card())
+        self.check_weights_finite()
+        with staged_outputs(self.config.output_dir) as staging:
+            self._write_model(staging)
+            self.config.to_json_file(os.path.join(staging, self.config_file_name))
+            with open(os.path.join(staging, "README.md"), "w") as f:
+                f.write(self.model_card())
 
     def model_card(self) -> str:
         base_model = getattr(self.pipe, "name_or_path", None) or self.pipe.config.get("_name_or_path") or "unknown"
         kind = "LoRA" if self.config.use_lora else "full fine-tune"
         details = {"base model": base_model, "method": self.method_name, "trained": kind, **self.model_card_details()}
-        details["optimizer updates"] = str(self.global_step)
+        details["updates"] = str(self.global_step)
+        if self.skipped_updates:
+            details["updates skipped (non-finite loss, reward or gradient)"] = str(self.skipped_updates)
         lines = [
             "---",
             f"base_model: {base_model}",
@@ -529,62 +577,158 @@ class BaseTrainer:
 
         ``on_update(trainer, logs)`` runs after every update, before the logs are recorded: an evaluation can
         add its own numbers to ``logs`` (the demo measures the toy world's oracles this way).
+
+        A run ends early only with a :class:`~diffusers_srpo.trainers.TrainingStopped` that names the checkpoint to
+        resume from: :class:`TrainingInterrupted` after SIGINT / SIGTERM (the update in progress is finished first),
+        :class:`NonFiniteUpdatesError` after ``max_consecutive_skips`` skipped updates in a row. Whatever the end,
+        the pipeline is handed back as it was found with the trained weights in it: ``pipe.transformer.forward``
+        is the class's own, modes, flags and dtypes are as they were, the transformer and the VAE stay on the
+        training device and the text encoders go back where they were. A trainer trains once.
         """
+        if self._trained:
+            raise RuntimeError(
+                "train() runs once per trainer (the pipeline was handed back when it ended); build a new trainer, "
+                "with resume_from_checkpoint='latest' to continue from a checkpoint"
+            )
+        self._trained = True
         config, accelerator = self.config, self.accelerator
-        # Every prompt is encoded up front, so that the text encoders can leave the GPU for the whole run.
-        self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []))
-        resume = self._resolve_resume_path()
-        if resume is not None:
-            self._load_checkpoint(resume)
-        if accelerator.is_main_process:
-            os.makedirs(config.output_dir, exist_ok=True)
-        if config.log_with:
-            accelerator.init_trackers(f"diffusers-srpo-{self.method_name}", config=_flat_config(config))
-
-        self.model.train()
-        for step in self._iterate_steps():
-            output = self.training_step(step)
-            # The micro-step losses (SRPO's two branches, TailorPO's steps) accumulate into one update; their graphs
-            # are built and freed one after another. Only the last backward all-reduces the gradients across
-            # processes. (accelerate's own `accumulate` keeps its step count in a process-wide singleton, which a
-            # second trainer built in the same process would overwrite.)
-            loss_fns = output.losses
-            if not loss_fns:
-                raise RuntimeError(f"{type(self).__name__}.training_step returned no loss for step {step}")
-            loss_values = []
-            for index, loss_fn in enumerate(loss_fns):
-                is_last = index == len(loss_fns) - 1
-                with contextlib.nullcontext() if is_last else accelerator.no_sync(self.model):
-                    loss = loss_fn() / len(loss_fns)
-                    accelerator.backward(loss)
-                loss_values.append(loss.detach().item())
-            if config.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(self.trainable_parameters, config.max_grad_norm)
-                output.logs["grad_norm"] = float(grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.global_step = step + 1
-            output.logs["loss"] = sum(loss_values)
-            # One collective for all the numbers: every process logs the same keys in the same order.
-            names = list(output.logs)
-            means = accelerator.reduce(torch.tensor([output.logs[k] for k in names], device=accelerator.device), "mean")
-            logs = dict(zip(names, means.tolist(), strict=True))
-            logs["lr"] = self.lr_scheduler.get_last_lr()[0]
-            self._check_hinge(logs)
-            if on_update is not None:
-                on_update(self, logs)
-            self.history.append(logs)
-            accelerator.log(logs, step=self.global_step)
-            if config.checkpointing_steps and self.global_step % config.checkpointing_steps == 0:
-                self.save_checkpoint()
-            if config.validation_steps and self.global_step % config.validation_steps == 0:
-                self.save_validation_grid()
-
-        accelerator.wait_for_everyone()
-        self.save_outputs()
-        accelerator.end_training()
+        try:
+            with stop_on_signals(lambda: f"update {self.global_step + 1} of {config.max_train_steps}") as stop:
+                # Every prompt is encoded up front, so that the text encoders can leave the GPU for the whole run.
+                self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []))
+                if self.resume_checkpoint is not None:
+                    self._load_checkpoint(self.resume_checkpoint)
+                elif config.resume_from_checkpoint == "latest":
+                    logger.warning("resume_from_checkpoint='latest' but %s holds no checkpoint: starting fresh", config.output_dir)
+                if accelerator.is_main_process:
+                    os.makedirs(config.output_dir, exist_ok=True)
+                if config.log_with:
+                    accelerator.init_trackers(f"diffusers-srpo-{self.method_name}", config=_flat_config(config))
+                self.model.train()
+                for step in self._iterate_steps():
+                    logs, stop_requested = self._run_update(step, stop)
+                    self.global_step = step + 1
+                    logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+                    self._check_hinge(logs)
+                    if on_update is not None:
+                        on_update(self, logs)
+                    self.history.append(logs)
+                    accelerator.log(logs, step=self.global_step)
+                    self._after_update(stop_requested, stop)
+                accelerator.wait_for_everyone()
+                self.save_outputs()
+        finally:
+            accelerator.end_training()
+            self._hand_back_pipeline()
         return self.history
+
+    def _run_update(self, step: int, stop: StopRequest) -> tuple[dict[str, float], bool]:
+        """One update: the method's micro-step losses, back-propagated one after another, then one optimizer step,
+        or none when a loss, a logged number (the rewards among them) or the gradient norm of any process is not
+        finite. Returns the logs (the same on every process) and whether any process was asked to stop."""
+        config, accelerator = self.config, self.accelerator
+        output = self.training_step(step)
+        if not output.losses:
+            raise RuntimeError(f"{type(self).__name__}.training_step returned no loss for step {step}")
+        # The micro-step losses (SRPO's two branches, TailorPO's steps) accumulate into one update; their graphs
+        # are built and freed one after another. Only the last backward all-reduces the gradients across
+        # processes. (accelerate's own `accumulate` keeps its step count in a process-wide singleton, which a
+        # second trainer built in the same process would overwrite.)
+        losses: dict[str, float] = {}
+        for index, (name, loss_fn) in enumerate(output.losses.items()):
+            is_last = index == len(output.losses) - 1
+            with contextlib.nullcontext() if is_last else accelerator.no_sync(self.model):
+                loss = loss_fn() / len(output.losses)
+                accelerator.backward(loss)
+            losses[f"loss of {name!r}"] = loss.detach().item()
+        # Clipping at infinity scales by exactly 1: the norm is measured (and checked) whether or not it clips.
+        grad_norm = accelerator.clip_grad_norm_(self.trainable_parameters, config.max_grad_norm or math.inf)
+        numbers = {**output.logs, "loss": sum(losses.values()), "grad_norm": float(grad_norm)}
+        # One collective for all the numbers (every process has the same keys in the same order): a NaN of any
+        # process makes the mean NaN on every process, so that all of them skip the same updates.
+        local = {**numbers, **losses, "stop": float(stop.requested)}
+        means = accelerator.reduce(torch.tensor(list(local.values()), device=accelerator.device), "mean").tolist()
+        reduced = dict(zip(local, means, strict=True))
+        logs = {key: reduced[key] for key in numbers}
+        # The sum "loss" is left out of the reasons: the micro-step losses name which one it was.
+        checked = [key for key in local if key not in ("loss", "stop")]
+        non_finite = [f"{key} ({reduced[key]})" for key in checked if not math.isfinite(reduced[key])]
+        if non_finite:
+            self._skip_update(step, non_finite)
+        else:
+            self.optimizer.step()
+            self.consecutive_skips = 0
+        # The schedule follows the update's number whether or not it stepped (see the module docstring); torch warns
+        # when it steps before the optimizer ever has, as it does when the first update is skipped.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        logs["skipped_updates"] = float(self.skipped_updates)
+        return logs, reduced["stop"] > 0
+
+    def _skip_update(self, step: int, non_finite: list[str]) -> None:
+        """Leave the weights and the optimizer state as they are; count the skip and say why."""
+        self.skipped_updates += 1
+        self.consecutive_skips += 1
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            # fp16 loss scaling: back off as GradScaler does after an overflow, or the next update overflows too.
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        if self.accelerator.is_main_process:
+            logger.warning(
+                "update %d of %d skipped (weights and optimizer state unchanged; %d in a row of at most %d): "
+                "not finite: %s",
+                step + 1, self.config.max_train_steps, self.consecutive_skips, self.config.max_consecutive_skips,
+                ", ".join(non_finite),
+            )  # fmt: skip
+
+    def _after_update(self, stop_requested: bool, stop: StopRequest) -> None:
+        """Checkpoints and validation after an update; the two early ends, each after writing a checkpoint."""
+        config = self.config
+        checkpoint = None
+        if self.consecutive_skips >= config.max_consecutive_skips:
+            checkpoint = self.save_checkpoint()
+            raise NonFiniteUpdatesError(
+                f"{self.consecutive_skips} updates in a row (up to update {self.global_step}) had a non-finite loss, "
+                f"reward or gradient, so none of them changed the weights (max_consecutive_skips="
+                f"{config.max_consecutive_skips}); the last good state is in {checkpoint}: check the reward, the "
+                "learning rate and the mixed precision, then resume from it",
+                checkpoint=checkpoint,
+                step=self.global_step,
+            )
+        if config.checkpointing_steps and self.global_step % config.checkpointing_steps == 0:
+            checkpoint = self.save_checkpoint()
+        if config.validation_steps and self.global_step % config.validation_steps == 0:
+            self.save_validation_grid()
+        # Every process stops after the same update, so they go by the flag of the update's collective; a single
+        # process needs no agreement and also honours a signal that came after it (during the hooks, say).
+        if self.accelerator.num_processes == 1:
+            stop_requested = stop.requested
+        if stop_requested and self.global_step < config.max_train_steps:
+            checkpoint = checkpoint or self.save_checkpoint()
+            raise TrainingInterrupted(
+                f"stopped by {stop.signal_name or 'a signal to another process'} after update {self.global_step} of "
+                f"{config.max_train_steps}; the checkpoint is {checkpoint}: resume with "
+                "resume_from_checkpoint='latest'",
+                checkpoint=checkpoint,
+                step=self.global_step,
+                signal_number=stop.signal_number,
+            )
+
+    def _hand_back_pipeline(self) -> None:
+        """The user's pipeline as found, with the trained weights: see :meth:`train`."""
+        transformer = self.pipe.transformer
+        if self._lora_added and not self._trained:
+            # The setup failed after adding the LoRA: take it out again, or the user's next trainer could not add its
+            # own. Without other adapters the peft layers go too, as unload_lora_weights does.
+            if self._adapters_found:
+                transformer.delete_adapters("default")
+            else:
+                transformer.unload_lora()
+                transformer.__dict__.pop("_hf_peft_config_loaded", None)
+        self.pipeline_state.restore()
+        self.weight_dtype = transformer.dtype
 
 
 def _flat_config(config: TrainerConfig) -> dict:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import string
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -21,6 +24,47 @@ GUIDANCE_ETA_DEFAULT = 1.0
 
 def _help(text: str, **extra) -> dict[str, Any]:
     return {"help": text, **extra}
+
+
+def _type_name(expected) -> str:
+    """``float | None`` -> ``"a number or None"``, for the message of a value of the wrong type."""
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "None"}
+    origin = typing.get_origin(expected)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(expected))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(expected)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return names.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def _has_type(value, expected) -> bool:
+    """Whether ``value`` fits the field type ``expected`` (an int is a float; a bool is neither)."""
+    origin = typing.get_origin(expected)
+    if origin in (types.UnionType, typing.Union):
+        return any(_has_type(value, arg) for arg in typing.get_args(expected))
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if expected is type(None):
+        return value is None
+    if expected in (int, float) and isinstance(value, bool):
+        return False
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def check_field_values(settings) -> None:
+    """Every field of the dataclass ``settings`` has its declared type, and every number is finite: one error
+    naming the field, the value and what was expected. Called first by every config, so that the checks after it
+    never meet a NaN (which fails no comparison) or a string."""
+    hints = typing.get_type_hints(type(settings))
+    for item in fields(settings):
+        value, expected = getattr(settings, item.name), hints[item.name]
+        if not _has_type(value, expected):
+            raise TypeError(f"{item.name} must be {_type_name(expected)}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{item.name} must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -52,7 +96,9 @@ class TrainerConfig:
     max_sequence_length: int = field(default=512, metadata=_help("Token length of the T5 prompt encoding."))
 
     # Optimisation
-    max_train_steps: int = field(default=200, metadata=_help("Number of optimizer updates."))
+    max_train_steps: int = field(
+        default=200, metadata=_help("Number of updates (each one optimizer step, unless skipped as non-finite).")
+    )
     train_batch_size: int = field(default=1, metadata=_help("Prompts per process per update."))
     learning_rate: float | None = field(
         default=None,
@@ -123,8 +169,17 @@ class TrainerConfig:
     )
     validation_steps: int = field(default=50, metadata=_help("Save a validation grid every N updates; 0: never."))
     validation_seed: int = field(default=0, metadata=_help("Seed of the validation noise (fixed across the run)."))
+    max_consecutive_skips: int = field(
+        default=5,
+        metadata=_help(
+            "An update whose loss, logged reward or gradient is NaN or infinite is skipped: the weights and optimizer "
+            "state stay as they were, but the update counts (the step, the learning-rate schedule and the random "
+            "streams advance). After this many skipped updates in a row the run writes a checkpoint and stops."
+        ),
+    )
 
     def __post_init__(self):
+        check_field_values(self)
         # The shared base (for a custom trainer) names no method; each method's config accepts only its own.
         if self.methods and self.method not in self.methods:
             raise ValueError(f"method must be one of {self.methods} for {type(self).__name__}, got {self.method!r}")
@@ -135,6 +190,7 @@ class TrainerConfig:
             "resolution": self.resolution,
             "rollout_steps": self.rollout_steps,
             "max_sequence_length": self.max_sequence_length,
+            "max_consecutive_skips": self.max_consecutive_skips,
         }
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -154,9 +210,11 @@ class TrainerConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        for name in ("adam_epsilon", "adam_weight_decay", "max_grad_norm", "lora_dropout"):
+        for name in ("adam_epsilon", "adam_weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if self.mixed_precision not in _MIXED_PRECISION:

@@ -57,4 +57,4 @@ class DRaFTTrainer(BaseTrainer):
             logs["reward"] = scores.detach().mean().item()
             return self.hinge_loss(scores, logs)
 
-        return StepOutput(losses=[compute], logs=logs)
+        return StepOutput(losses={"draft": compute}, logs=logs)

@@ -55,4 +55,4 @@ class ReFLTrainer(BaseTrainer):
             logs["reward"] = scores.detach().mean().item()
             return self.hinge_loss(scores, logs)
 
-        return StepOutput(losses=[compute], logs=logs)
+        return StepOutput(losses={"refl": compute}, logs=logs)

@@ -29,13 +29,18 @@ class SRPOTrainer(BaseTrainer):
     config_class = SRPOConfig
     config_file_name = "srpo_config.json"
 
-    def __init__(self, pipe, reward=None, prompts=None, config: SRPOConfig | None = None):
-        super().__init__(pipe, reward=reward, prompts=prompts, config=config)
+    # ----------------------------------------------------------------------------------- method hooks
+    @classmethod
+    def check_files(cls, config: SRPOConfig) -> str | None:
+        if config.x0_source == "dataset":
+            _image_paths(config.image_folder)
+        return super().check_files(config)
+
+    def prepare_data(self) -> None:
         self.image_paths: list[str] | None = None
         if self.config.x0_source == "dataset":
             self.image_paths, self.prompts = _image_folder(self.config.image_folder, self.prompts)
 
-    # ----------------------------------------------------------------------------------- method hooks
     @property
     def uses_srp(self) -> bool:
         return self.config.method == "srpo"
@@ -133,17 +138,22 @@ class SRPOTrainer(BaseTrainer):
 
             return compute
 
-        losses = [branch_loss(*branch) for branch in branches]
-        return StepOutput(losses=losses, logs=logs)
+        return StepOutput(losses={branch[0]: branch_loss(*branch) for branch in branches}, logs=logs)
 
 
-def _image_folder(folder: str, prompts: list[str]) -> tuple[list[str], list[str]]:
-    """Images of ``folder`` and their captions (``IMAGE.txt`` beside each, else the prompts in turn)."""
+def _image_paths(folder: str) -> list[str]:
+    """The images of ``folder``, sorted; a clear error for a missing folder or one without images."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image_folder {folder!r} does not exist")
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(_IMAGE_SUFFIXES))
     if not paths:
         raise ValueError(f"image_folder {folder!r} holds no image ({', '.join(_IMAGE_SUFFIXES)})")
+    return paths
+
+
+def _image_folder(folder: str, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """Images of ``folder`` and their captions (``IMAGE.txt`` beside each, else the prompts in turn)."""
+    paths = _image_paths(folder)
     captions = []
     for i, path in enumerate(paths):
         sidecar = os.path.splitext(path)[0] + ".txt"

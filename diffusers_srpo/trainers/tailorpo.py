@@ -315,7 +315,8 @@ class TailorPOTrainer(BaseTrainer):
 
             return compute
 
-        return StepOutput(losses=[loss_of(pair) for pair in pairs], logs=logs)
+        # Named by position: which rollout steps are trained differs between processes, their number does not.
+        return StepOutput(losses={f"pair {i + 1}": loss_of(pair) for i, pair in enumerate(pairs)}, logs=logs)
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
