@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from .trainers import METHODS, trainer_class_for
-from .trainers.config import _help
+from .trainers.config import _help, check_field_values
 
 PROG = "diffusers-srpo"
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -152,12 +151,6 @@ def _checked_device(device: str | None) -> str:
     return name
 
 
-def _check_finite(**values: float) -> None:
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise UsageError(f"--{name} must be a finite number, got {value}")
-
-
 def _check_model_source(name: str, option: str, *, transformer_folder_ok: bool = False) -> None:
     """A local pipeline folder (``model_index.json``; or a transformer folder with ``config.json`` where
     ``transformer_folder_ok``) or a hub id ``owner/name``; checked before anything is loaded."""
@@ -265,6 +258,7 @@ def _train(args: argparse.Namespace) -> int:
     from .rewards.registry import check_reward_spec
     from .trainers import NonFiniteUpdatesError, TrainingInterrupted
     from .trainers.base import check_output_dir
+    from .trainers.stopping import NonFiniteWeightsError
 
     run = _dataclass_from(args, TrainArguments)
     trainer_class = trainer_class_for(args.method)
@@ -292,16 +286,15 @@ def _train(args: argparse.Namespace) -> int:
         raise SetupError(str(error)) from None
     try:
         trainer.train()
-    except TrainingInterrupted as stop:
-        by = signal.Signals(stop.signal_number).name if stop.signal_number else "a signal to another process"
-        message = (
-            f"stopped by {by} after update {stop.step} of {config.max_train_steps}; the checkpoint is "
-            f"{stop.checkpoint}: to continue, run the same command with --resume_from_checkpoint latest"
-        )
-        raise StoppedError(message if trainer.accelerator.is_main_process else "", 128 + (stop.signal_number or signal.SIGTERM)) from None
-    except NonFiniteUpdatesError as stop:
-        message = f"{stop} (--resume_from_checkpoint {stop.checkpoint})"
-        raise StoppedError(message if trainer.accelerator.is_main_process else "", 1) from None
+    except (TrainingInterrupted, NonFiniteUpdatesError, NonFiniteWeightsError) as stop:
+        if isinstance(stop, TrainingInterrupted):
+            message = f"{stop.reason}: to continue, run the same command with --resume_from_checkpoint latest"
+            status = 128 + (stop.signal_number or signal.SIGTERM)
+        elif isinstance(stop, NonFiniteUpdatesError):
+            message, status = f"{stop} (--resume_from_checkpoint {stop.checkpoint})", 1
+        else:
+            message, status = str(stop), 1
+        raise StoppedError(message if trainer.accelerator.is_main_process else "", status) from None
     if trainer.accelerator.is_main_process:
         what = "LoRA" if config.use_lora else "transformer"
         print(f"{config.method}: wrote the {what}, its model card and the config to {os.path.abspath(config.output_dir)}")
@@ -336,8 +329,13 @@ def _sample(args: argparse.Namespace) -> int:
 
     from .atomic import staged_outputs
     from .prompts import load_prompts
+    from .trainers.base import check_output_dir
 
     options = _dataclass_from(args, SampleArguments)
+    try:
+        check_field_values(options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
     if not options.prompt and not options.prompt_file:
         raise UsageError("no prompt: pass --prompt TEXT [TEXT ...] or --prompt_file FILE")
     try:
@@ -347,14 +345,15 @@ def _sample(args: argparse.Namespace) -> int:
     for name in ("num_inference_steps", "height", "width", "num_images_per_prompt", "max_sequence_length"):
         if getattr(options, name) <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(options, name)}")
-    _check_finite(guidance_scale=options.guidance_scale)
     loras = [_parse_lora(spec) for spec in options.lora or []]
     for path, _ in loras:
         _check_lora_source(path)
     dtype = _torch_dtype(options.torch_dtype)
     device = _checked_device(options.device)
-    if os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
-        raise UsageError(f"--output_dir {options.output_dir!r} is an existing file; expected a folder")
+    try:
+        check_output_dir(options.output_dir, allow_existing=True, remedy="")
+    except OSError as error:
+        raise UsageError(str(error)) from None
     _check_model_source(options.model, "--model")
 
     try:

@@ -108,6 +108,37 @@ def test_the_reason_names_the_non_finite_micro_step_loss(tmp_path, caplog):
     assert "reward_denoise (nan)" in message
 
 
+class NaNGradient(torch.autograd.Function):
+    """The identity forward, a NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, scores):
+        return scores.clone()
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return gradient * math.nan
+
+
+def test_non_finite_gradients_alone_are_caught_with_clipping_off(tmp_path, caplog):
+    armed = {"trainer": None}
+
+    def reward(images, prompts):
+        scores = images.mean(dim=(1, 2, 3))
+        trainer = armed["trainer"]
+        return NaNGradient.apply(scores) if trainer is not None and trainer.global_step == 1 else scores
+
+    config = tiny_trainer_config("direct-align", tmp_path / "run", max_train_steps=3, max_grad_norm=0.0)
+    trainer = METHODS["direct-align"](tiny_flux_pipeline(seed=0), reward=CallableReward(reward), prompts=PROMPTS, config=config)
+    armed["trainer"] = trainer
+    with caplog.at_level(logging.WARNING, logger="diffusers_srpo.trainers.base"):
+        history = trainer.train()
+    (message,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert message.endswith("not finite: grad_norm (nan)")
+    assert math.isfinite(history[1]["loss"]) and [h["skipped_updates"] for h in history] == [0, 1, 1]
+    assert all(math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in (history[0], history[2]))
+
+
 def test_a_reward_that_is_always_nan_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
     trainer = make_trainer(
         tmp_path, "direct-align", "run", poison=Poison(math.nan, None), max_train_steps=20, max_consecutive_skips=3

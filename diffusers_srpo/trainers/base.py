@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..atomic import staged_outputs
+from ..atomic import move_into_place, staged_outputs
 from ..models import PromptEmbeds, get_model_adapter
 from ..prompts import load_prompts
 from .checkpoints import (
@@ -42,7 +42,7 @@ from .checkpoints import (
 )
 from .config import TrainerConfig
 from .pipeline_state import PipelineState
-from .stopping import NonFiniteUpdatesError, StopRequest, TrainingInterrupted, stop_on_signals
+from .stopping import NonFiniteUpdatesError, NonFiniteWeightsError, StopRequest, TrainingInterrupted, stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -386,13 +386,15 @@ class BaseTrainer:
 
     def check_weights_finite(self) -> None:
         """Refuse to write trained weights that hold a NaN or an infinity (checked before anything is written)."""
-        trained = {id(p) for p in self.trainable_parameters}
-        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if id(p) in trained]
-        bad = [name for name, parameter in named if not torch.isfinite(parameter.detach()).all()]
+        # The optimizer's tensors are what training changes, however the model is wrapped.
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+        names = {id(p): n for n, p in self.accelerator.unwrap_model(self.model).named_parameters()}
+        bad = [names.get(id(p), f"tensor {i}") for i, p in enumerate(trained) if not torch.isfinite(p.detach()).all()]
         if bad:
-            raise ValueError(
-                f"refusing to write the trained weights: {len(bad)} of {len(named)} trained tensors are not finite "
-                f"(first: {bad[0]}); the last checkpoint written holds the last good state"
+            raise NonFiniteWeightsError(
+                f"refusing to write the trained weights: {len(bad)} of {len(trained)} trained tensors are not finite "
+                f"(first: {bad[0]}); nothing was written, and the checkpoints in {self.config.output_dir!r} are as "
+                "they were"
             )
 
     def _read_model(self, directory: str) -> None:
@@ -446,9 +448,7 @@ class BaseTrainer:
                     },
                     f,
                 )
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            move_into_place(partial, final)
             limit = self.config.checkpoints_total_limit
             if limit is not None:
                 for old in self.checkpoint_dirs()[:-limit]:
@@ -463,7 +463,10 @@ class BaseTrainer:
         self.global_step = state["global_step"]
         self.history = state.get("history", [])
         self.skipped_updates = state.get("skipped_updates", 0)
-        self.consecutive_skips = state.get("consecutive_skips", 0)
+        # The checkpoint of a run stopped for non-finite updates is resumed on purpose (the cause fixed): a fresh
+        # budget of skips. Otherwise the count goes on, as it would have without the interruption.
+        consecutive = state.get("consecutive_skips", 0)
+        self.consecutive_skips = 0 if consecutive >= self.config.max_consecutive_skips else consecutive
         self._inactive_hinge_updates = state.get("inactive_hinge_updates", 0)
 
     # ----------------------------------------------------------------------------------- outputs
@@ -593,7 +596,7 @@ class BaseTrainer:
         self._trained = True
         config, accelerator = self.config, self.accelerator
         try:
-            with stop_on_signals(lambda: f"update {self.global_step + 1} of {config.max_train_steps}") as stop:
+            with stop_on_signals() as stop:
                 # Every prompt is encoded up front, so that the text encoders can leave the GPU for the whole run.
                 self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []))
                 if self.resume_checkpoint is not None:
@@ -609,7 +612,8 @@ class BaseTrainer:
                     logs, stop_requested = self._run_update(step, stop)
                     self.global_step = step + 1
                     logs["lr"] = self.lr_scheduler.get_last_lr()[0]
-                    self._check_hinge(logs)
+                    if not self.consecutive_skips:  # a skipped update's hinge says nothing about the threshold
+                        self._check_hinge(logs)
                     if on_update is not None:
                         on_update(self, logs)
                     self.history.append(logs)
@@ -652,12 +656,16 @@ class BaseTrainer:
         logs = {key: reduced[key] for key in numbers}
         # The sum "loss" is left out of the reasons: the micro-step losses name which one it was.
         checked = [key for key in local if key not in ("loss", "stop")]
-        non_finite = [f"{key} ({reduced[key]})" for key in checked if not math.isfinite(reduced[key])]
-        if non_finite:
-            self._skip_update(step, non_finite)
+        non_finite = [key for key in checked if not math.isfinite(reduced[key])]
+        # Under fp16 loss scaling an overflow of the gradients alone is GradScaler's business: its step skips the
+        # update and lowers the scale (accelerate then holds the schedule), as in any fp16 training.
+        scaler_overflow = accelerator.scaler is not None and non_finite == ["grad_norm"]
+        if non_finite and not scaler_overflow:
+            self._skip_update(step, [f"{key} ({reduced[key]})" for key in non_finite])
         else:
             self.optimizer.step()
-            self.consecutive_skips = 0
+            if not scaler_overflow:
+                self.consecutive_skips = 0
         # The schedule follows the update's number whether or not it stepped (see the module docstring); torch warns
         # when it steps before the optimizer ever has, as it does when the first update is skipped.
         with warnings.catch_warnings():
@@ -671,10 +679,10 @@ class BaseTrainer:
         """Leave the weights and the optimizer state as they are; count the skip and say why."""
         self.skipped_updates += 1
         self.consecutive_skips += 1
-        scaler = self.accelerator.scaler
-        if scaler is not None:
-            # fp16 loss scaling: back off as GradScaler does after an overflow, or the next update overflows too.
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        if self.accelerator.scaler is not None:
+            # fp16 loss scaling: the gradients were unscaled (and checked for infinities) by the clipping; update
+            # the scale from that as GradScaler's own step would, which also readies it for the next update.
+            self.accelerator.scaler.update()
         if self.accelerator.is_main_process:
             logger.warning(
                 "update %d of %d skipped (weights and optimizer state unchanged; %d in a row of at most %d): "
@@ -692,10 +700,10 @@ class BaseTrainer:
             raise NonFiniteUpdatesError(
                 f"{self.consecutive_skips} updates in a row (up to update {self.global_step}) had a non-finite loss, "
                 f"reward or gradient, so none of them changed the weights (max_consecutive_skips="
-                f"{config.max_consecutive_skips}); the last good state is in {checkpoint}: check the reward, the "
-                "learning rate and the mixed precision, then resume from it",
+                f"{config.max_consecutive_skips}); the last good state is in {checkpoint}",
                 checkpoint=checkpoint,
                 step=self.global_step,
+                resume_hint="check the reward, the learning rate and the mixed precision, then resume from it",
             )
         if config.checkpointing_steps and self.global_step % config.checkpointing_steps == 0:
             checkpoint = self.save_checkpoint()
@@ -709,10 +717,10 @@ class BaseTrainer:
             checkpoint = checkpoint or self.save_checkpoint()
             raise TrainingInterrupted(
                 f"stopped by {stop.signal_name or 'a signal to another process'} after update {self.global_step} of "
-                f"{config.max_train_steps}; the checkpoint is {checkpoint}: resume with "
-                "resume_from_checkpoint='latest'",
+                f"{config.max_train_steps}; the checkpoint is {checkpoint}",
                 checkpoint=checkpoint,
                 step=self.global_step,
+                resume_hint="resume with resume_from_checkpoint='latest'",
                 signal_number=stop.signal_number,
             )
 

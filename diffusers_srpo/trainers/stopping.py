@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -16,11 +16,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingStopped(RuntimeError):
-    """Training ended before ``max_train_steps``; ``checkpoint`` is the folder to resume from (``None`` if none
-    could be written) and ``step`` the number of updates done."""
+    """Training ended before ``max_train_steps``; ``checkpoint`` is the folder to resume from and ``step`` the
+    number of updates done. ``reason`` is the message without the advice on how to resume (which the command
+    line words its own way)."""
 
-    def __init__(self, message: str, *, checkpoint: str | None, step: int):
-        super().__init__(message)
+    def __init__(self, reason: str, *, checkpoint: str, step: int, resume_hint: str):
+        super().__init__(f"{reason}: {resume_hint}")
+        self.reason = reason
         self.checkpoint = checkpoint
         self.step = step
 
@@ -28,13 +30,17 @@ class TrainingStopped(RuntimeError):
 class TrainingInterrupted(TrainingStopped):
     """Stopped by a signal (``signal_number``; ``None`` on a process that did not receive it itself)."""
 
-    def __init__(self, message: str, *, checkpoint: str | None, step: int, signal_number: int | None):
-        super().__init__(message, checkpoint=checkpoint, step=step)
+    def __init__(self, reason: str, *, checkpoint: str, step: int, resume_hint: str, signal_number: int | None):
+        super().__init__(reason, checkpoint=checkpoint, step=step, resume_hint=resume_hint)
         self.signal_number = signal_number
 
 
 class NonFiniteUpdatesError(TrainingStopped):
     """Stopped after ``max_consecutive_skips`` updates in a row with a non-finite loss, reward or gradient."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """Trained weights hold a NaN or an infinity: they were not written."""
 
 
 class StopRequest:
@@ -53,10 +59,11 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals(update_label: Callable[[], str]) -> Iterator[StopRequest]:
+def stop_on_signals() -> Iterator[StopRequest]:
     """Turn the first SIGINT or SIGTERM into a :class:`StopRequest` instead of an exception in the middle of an
-    update; the handlers as found are put back at once (so a second signal acts as it did before: Ctrl-C twice stops
-    at once) and at the end. ``update_label()`` names the update in progress for the log line.
+    update. After it, Ctrl-C acts as it did before (twice stops at once), while further SIGTERMs are ignored: a
+    scheduler (SLURM, torchrun forwarding its own) may send one to every process more than once. The handlers as
+    found are put back at the end; a signal that was ignored stays ignored.
 
     Signal handlers can only be set from the main thread; elsewhere the request never fires.
     """
@@ -71,17 +78,17 @@ def stop_on_signals(update_label: Callable[[], str]) -> Iterator[StopRequest]:
         if request.requested:
             return
         request.signal_number = number
-        for restored, handler in previous.items():
-            signal.signal(restored, handler)
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
         logger.warning(
-            "received %s: finishing %s, then writing a checkpoint (send it again to stop at once)",
-            signal.Signals(number).name, update_label(),
+            "received %s: the run stops once the update in progress is done, with a checkpoint%s",
+            signal.Signals(number).name, " (Ctrl-C again stops at once)" if number == signal.SIGINT else "",
         )  # fmt: skip
 
-    for number in STOP_SIGNALS:
+    watched = [number for number in STOP_SIGNALS if previous[number] is not signal.SIG_IGN]
+    for number in watched:
         signal.signal(number, handle)
     try:
         yield request
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number in watched:
+            signal.signal(number, previous[number])
