@@ -400,16 +400,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .trainers.base import check_output_dir
 
     options = _dataclass_from(args, DemoArguments)
+    settings = dataclasses.asdict(options)  # the options are demo_config's settings, by name
     try:
-        demo_config(
-            options.output_dir,
-            options.max_train_steps,
-            options.learning_rate,
-            options.seed,
-            options.positive_word,
-            options.negative_word,
-            options.overwrite_output_dir,
-        )
+        demo_config(**settings)
         check_output_dir(
             options.output_dir,
             allow_existing=options.overwrite_output_dir,
@@ -418,15 +411,7 @@ def _demo(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         raise UsageError(str(error)) from None
 
-    metrics = run_demo(
-        options.output_dir,
-        max_train_steps=options.max_train_steps,
-        learning_rate=options.learning_rate,
-        seed=options.seed,
-        positive_word=options.positive_word,
-        negative_word=options.negative_word,
-        overwrite_output_dir=options.overwrite_output_dir,
-    )
+    metrics = run_demo(**settings)
     before, after = metrics["before"], metrics["after"]
     fraction = f"oracle_{options.positive_word}_fraction"
     print(

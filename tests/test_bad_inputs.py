@@ -118,7 +118,10 @@ def make_files(root):
     ]:
         (root / name).mkdir()
         (root / name / "trainer_state.json").write_text(state)
-        (root / name / model_file).mkdir() if model_file == "transformer" else (root / name / model_file).write_bytes(b"x")
+        if model_file == "transformer":
+            (root / name / model_file).mkdir()
+        else:
+            (root / name / model_file).write_bytes(b"x")
 
 
 def snapshot(root) -> dict:

@@ -134,30 +134,22 @@ def demo_config(
     )
 
 
-def run_demo(
-    output_dir: str,
-    max_train_steps: int = 25,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-    positive_word: str = "bright",
-    negative_word: str = "dark",
-    evaluation_seeds: int = 4,
-    evaluate_every: int = 5,
-    overwrite_output_dir: bool = False,
-) -> dict:
+def run_demo(output_dir: str, evaluation_seeds: int = 4, evaluate_every: int = 5, **settings) -> dict:
     """Train an SRPO LoRA on the toy world and write the LoRA, grids, curves and metrics to ``output_dir``.
 
-    The defaults stop before reward hacking takes over: at 40 updates the unprompted bright fraction reaches about
-    0.8, but some objects fade into an empty bright canvas (which the reward scores as "bright") and the oracle's
-    colour accuracy falls from 0.96 to 0.75 (benchmarks/toyworld/RESULTS.md).
+    ``settings`` are those of :func:`demo_config` (``max_train_steps``, ``learning_rate``, ``seed``, the control
+    words, ``overwrite_output_dir``), with its defaults. The defaults stop before reward hacking takes over: at 40
+    updates the unprompted bright fraction reaches about 0.8, but some objects fade into an empty bright canvas
+    (which the reward scores as "bright") and the oracle's colour accuracy falls from 0.96 to 0.75
+    (benchmarks/toyworld/RESULTS.md).
     """
     from ..atomic import staged_outputs
     from ..rewards import SemanticRelativeReward
     from ..trainers import SRPOTrainer
 
-    config = demo_config(
-        output_dir, max_train_steps, learning_rate, seed, positive_word, negative_word, overwrite_output_dir
-    )
+    config = demo_config(output_dir, **settings)
+    (positive_word,), (negative_word,) = config.positive_words, config.negative_words
+    max_train_steps = config.max_train_steps
     for name, value in (("evaluation_seeds", evaluation_seeds), ("evaluate_every", evaluate_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
