@@ -19,6 +19,11 @@ import torch
 
 __all__ = [
     "FLUX_DEV_SCHEDULER_CONFIG",
+    "FLUX_DEV_TRANSFORMER_CONFIG",
+    "FLUX_DEV_VAE_CONFIG",
+    "HPS_ARCHITECTURE",
+    "flux_dev_shaped_pipeline",
+    "hps_shaped_reward",
     "TinyFluxConfig",
     "TinyCLIPConfig",
     "clip_bpe_vocab_path",
@@ -52,6 +57,42 @@ FLUX_DEV_SCHEDULER_CONFIG = {
 FLUX_VAE_SCALING_FACTOR = 0.3611
 FLUX_VAE_SHIFT_FACTOR = 0.1159
 
+# The transformer/config.json of black-forest-labs/FLUX.1-dev: 19 double and 38 single blocks, 3072 wide.
+FLUX_DEV_TRANSFORMER_CONFIG = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": (16, 56, 56),
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+# The vae/config.json of black-forest-labs/FLUX.1-dev (AutoencoderKL's arguments).
+FLUX_DEV_VAE_CONFIG = {
+    "act_fn": "silu",
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "in_channels": 3,
+    "latent_channels": 16,
+    "layers_per_block": 2,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": FLUX_VAE_SCALING_FACTOR,
+    "shift_factor": FLUX_VAE_SHIFT_FACTOR,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "use_post_quant_conv": False,
+    "use_quant_conv": False,
+}
+
+# open_clip's architecture of HPS v2 / v2.1 (and of PickScore's CLIP-H).
+HPS_ARCHITECTURE = "ViT-H-14"
+
 _CLIP_VOCAB_SIZE = 49408
 _CLIP_BOS_ID = 49406
 _CLIP_EOS_ID = 49407
@@ -70,6 +111,9 @@ class TinyFluxConfig:
     t5_dim: int = 32
     t5_layers: int = 2
     t5_heads: int = 4
+    # T5 feed-forward and per-head widths; 0: 2 * t5_dim and t5_dim // t5_heads.
+    t5_ff_dim: int = 0
+    t5_head_dim: int = 0
     # Width of the CLIP text encoder, which is the transformer's pooled_projection_dim.
     clip_dim: int = 32
     clip_layers: int = 2
@@ -179,29 +223,32 @@ def _seeded(seed: int, build):
         return build()
 
 
-def tiny_flux_components(seed: int = 0, config: TinyFluxConfig | None = None) -> dict:
-    """The keyword arguments of ``FluxPipeline(...)``: all modules built from configs, in eval mode."""
+def tiny_flux_components(seed: int = 0, config: TinyFluxConfig | None = None, build_transformer_and_vae: bool = True) -> dict:
+    """The keyword arguments of ``FluxPipeline(...)``: all modules built from configs, in eval mode (without the
+    transformer and the VAE, which the caller adds, when not ``build_transformer_and_vae``)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     cfg = config or TinyFluxConfig()
     t5_tokenizer = tiny_t5_tokenizer()
 
-    transformer = _seeded(
-        seed,
-        lambda: FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4 * cfg.latent_channels,  # FLUX packs 2x2 latent patches into one token
-            num_layers=cfg.num_layers,
-            num_single_layers=cfg.num_single_layers,
-            attention_head_dim=cfg.attention_head_dim,
-            num_attention_heads=cfg.num_attention_heads,
-            joint_attention_dim=cfg.t5_dim,
-            pooled_projection_dim=cfg.clip_dim,
-            guidance_embeds=True,
-            axes_dims_rope=tuple(cfg.axes_dims_rope),
-        ),
-    )
+    transformer = vae = None
+    if build_transformer_and_vae:
+        transformer = _seeded(
+            seed,
+            lambda: FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=4 * cfg.latent_channels,  # FLUX packs 2x2 latent patches into one token
+                num_layers=cfg.num_layers,
+                num_single_layers=cfg.num_single_layers,
+                attention_head_dim=cfg.attention_head_dim,
+                num_attention_heads=cfg.num_attention_heads,
+                joint_attention_dim=cfg.t5_dim,
+                pooled_projection_dim=cfg.clip_dim,
+                guidance_embeds=True,
+                axes_dims_rope=tuple(cfg.axes_dims_rope),
+            ),
+        )
     text_encoder = _seeded(
         seed + 1,
         lambda: CLIPTextModel(
@@ -226,8 +273,8 @@ def tiny_flux_components(seed: int = 0, config: TinyFluxConfig | None = None) ->
             T5Config(
                 vocab_size=len(t5_tokenizer),
                 d_model=cfg.t5_dim,
-                d_ff=2 * cfg.t5_dim,
-                d_kv=cfg.t5_dim // cfg.t5_heads,
+                d_ff=cfg.t5_ff_dim or 2 * cfg.t5_dim,
+                d_kv=cfg.t5_head_dim or cfg.t5_dim // cfg.t5_heads,
                 num_layers=cfg.t5_layers,
                 num_heads=cfg.t5_heads,
                 relative_attention_num_buckets=8,
@@ -239,27 +286,29 @@ def tiny_flux_components(seed: int = 0, config: TinyFluxConfig | None = None) ->
             )
         ),
     )
-    num_blocks = len(cfg.vae_block_out_channels)
-    vae = _seeded(
-        seed + 3,
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * num_blocks,
-            up_block_types=("UpDecoderBlock2D",) * num_blocks,
-            block_out_channels=tuple(cfg.vae_block_out_channels),
-            layers_per_block=1,
-            latent_channels=cfg.latent_channels,
-            norm_num_groups=cfg.vae_norm_num_groups,
-            sample_size=32,
-            scaling_factor=FLUX_VAE_SCALING_FACTOR,
-            shift_factor=FLUX_VAE_SHIFT_FACTOR,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
-    )
+    if build_transformer_and_vae:
+        num_blocks = len(cfg.vae_block_out_channels)
+        vae = _seeded(
+            seed + 3,
+            lambda: AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * num_blocks,
+                up_block_types=("UpDecoderBlock2D",) * num_blocks,
+                block_out_channels=tuple(cfg.vae_block_out_channels),
+                layers_per_block=1,
+                latent_channels=cfg.latent_channels,
+                norm_num_groups=cfg.vae_norm_num_groups,
+                sample_size=32,
+                scaling_factor=FLUX_VAE_SCALING_FACTOR,
+                shift_factor=FLUX_VAE_SHIFT_FACTOR,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
+        )
     for module in (transformer, text_encoder, text_encoder_2, vae):
-        module.eval()
+        if module is not None:
+            module.eval()
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(**cfg.scheduler_config),
         "vae": vae,
@@ -280,6 +329,66 @@ def tiny_flux_pipeline(seed: int = 0, config: TinyFluxConfig | None = None):
     from diffusers import FluxPipeline
 
     return FluxPipeline(**tiny_flux_components(seed, config))
+
+
+def flux_dev_shaped_pipeline(
+    num_layers: int = 19,
+    num_single_layers: int = 38,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    text_encoder_layers: int = 1,
+):
+    """A ``FluxPipeline`` at FLUX.1-dev's real size with random weights: its transformer and VAE configs (the depth
+    settable: 19 + 38 is the 11.9B model) in ``dtype``.
+
+    The text encoders keep only the widths the transformer sees (T5 4096, CLIP pooled 768) with
+    ``text_encoder_layers`` narrow layers and the tiny tokenizers: training encodes every prompt once, before the
+    first update, and sends the encoders away. Built in the current device context (``with torch.device("cuda")``
+    initialises on the GPU) or fake tensor mode (no memory at all); in eval mode.
+    """
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+    config = TinyFluxConfig(
+        t5_dim=FLUX_DEV_TRANSFORMER_CONFIG["joint_attention_dim"],
+        t5_layers=text_encoder_layers,
+        t5_heads=4,
+        t5_ff_dim=256,
+        t5_head_dim=64,
+        clip_dim=FLUX_DEV_TRANSFORMER_CONFIG["pooled_projection_dim"],
+        clip_layers=text_encoder_layers,
+        clip_heads=4,
+    )
+    components = tiny_flux_components(seed, config, build_transformer_and_vae=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the weight dtype: a 12B model never exists in fp32
+    try:
+        transformer_config = {**FLUX_DEV_TRANSFORMER_CONFIG, "num_layers": num_layers, "num_single_layers": num_single_layers}
+        components["transformer"] = _seeded(seed, lambda: FluxTransformer2DModel(**transformer_config)).eval()
+        components["vae"] = _seeded(seed + 3, lambda: AutoencoderKL(**FLUX_DEV_VAE_CONFIG)).eval()
+        for name in ("text_encoder", "text_encoder_2"):
+            components[name] = components[name].to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    return FluxPipeline(**components)
+
+
+def hps_shaped_reward(vision_layers: int = 32, text_layers: int = 24, *, seed: int = 0, dtype: torch.dtype | None = None):
+    """An ``HPSv2Reward`` on a randomly initialised open_clip ViT-H-14 (HPS v2.1's architecture: 1280 / 1024 wide,
+    224 px, patch 14) with the given depths (32 and 24 are the real model) and open_clip's real tokenizer."""
+    import open_clip
+
+    from diffusers_srpo.rewards import HPSv2Reward
+
+    model_cfg = open_clip.get_model_config(HPS_ARCHITECTURE)
+    model_cfg = {
+        **model_cfg,
+        "vision_cfg": {**model_cfg["vision_cfg"], "layers": vision_layers},
+        "text_cfg": {**model_cfg["text_cfg"], "layers": text_layers},
+    }
+    model = _seeded(seed, lambda: open_clip.CLIP(**model_cfg)).eval()
+    reward = HPSv2Reward(model, open_clip.get_tokenizer(HPS_ARCHITECTURE), score_scale=1.0)
+    return reward if dtype is None else reward.to(dtype=dtype)
 
 
 def tiny_open_clip_model(seed: int = 0, config: TinyCLIPConfig | None = None):

@@ -1,0 +1,121 @@
+"""The models the scale benchmarks run: FLUX.1-dev's real shapes, and smaller FLUX-shaped models that a CPU measures.
+
+``bench_scale.py`` builds them in fake tensor mode (no memory at all), ``gpu_update.py`` on a device with random
+weights; both take the same names, so that a simulated and a measured number are of the same model.
+
+- ``flux.1-dev``: the 11.9B transformer (19 double + 38 single blocks, 3072 wide), the FLUX VAE and the HPS v2.1
+  reward (open_clip ViT-H-14, 986M), each at its real config.
+- ``flux-37m``: the 37M FLUX-shaped transformer of ``bench_train_step.py`` with an 8x VAE and a small CLIP reward:
+  what this CPU measures to validate the simulator.
+- ``tiny``: the unit tests' pipeline and reward (seconds on a CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODEL_NAMES = ("flux.1-dev", "flux-37m", "tiny")
+#: Benchmark name -> (library method, config overrides).
+METHOD_VARIANTS = {
+    "srpo": ("srpo", {}),
+    "direct-align": ("direct-align", {}),
+    "refl": ("refl", {}),
+    "draft-1": ("draft", {"draft_k": 1}),
+    "draft-full": ("draft", {"draft_k": 0}),
+    "tailorpo": ("tailorpo", {}),
+    "tailorpo-g": ("tailorpo-g", {}),
+    "trajectory-dpo": ("trajectory-dpo", {}),
+}
+#: Two prompts, so that the prompt order is that of a real run.
+PROMPTS = ["a photo of a cat on a windowsill", "a watercolor lighthouse at dusk"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Settings a run of the model takes unless told otherwise."""
+
+    resolution: int
+    rollout_steps: int
+    max_sequence_length: int
+
+
+DEFAULTS = {
+    "flux.1-dev": ModelDefaults(resolution=720, rollout_steps=25, max_sequence_length=512),
+    "flux-37m": ModelDefaults(resolution=256, rollout_steps=25, max_sequence_length=32),
+    "tiny": ModelDefaults(resolution=32, rollout_steps=4, max_sequence_length=16),
+}
+
+
+def _flux_37m_config():
+    from diffusers_srpo.testing import TinyFluxConfig
+
+    # bench_train_step.py's defaults: 2 double + 4 single blocks of 8 heads x 64, FLUX's 8x VAE.
+    return TinyFluxConfig(
+        num_layers=2,
+        num_single_layers=4,
+        num_attention_heads=8,
+        attention_head_dim=64,
+        axes_dims_rope=(8, 28, 28),
+        t5_dim=256,
+        clip_dim=128,
+        vae_block_out_channels=(32, 64, 64, 64),
+        vae_norm_num_groups=16,
+    )
+
+
+def check_model_name(name: str) -> str:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model {name!r} is not one of {', '.join(MODEL_NAMES)}")
+    return name
+
+
+def build_pipeline(name: str, dtype: torch.dtype = torch.bfloat16):
+    """The ``FluxPipeline`` of ``name`` with random weights in ``dtype``, built in the current device context."""
+    from diffusers_srpo import testing
+
+    check_model_name(name)
+    if name == "flux.1-dev":
+        return testing.flux_dev_shaped_pipeline(dtype=dtype)
+    config = _flux_37m_config() if name == "flux-37m" else None
+    pipe = testing.tiny_flux_pipeline(seed=0, config=config)
+    return pipe.to(dtype)
+
+
+def build_reward(name: str, dtype: torch.dtype | None = None):
+    """The reward of ``name``: HPS v2.1's architecture for FLUX.1-dev, the tests' small CLIP reward otherwise.
+    ``dtype=None`` keeps float32, as ``diffusers-srpo train`` loads a reward."""
+    from diffusers_srpo import testing
+
+    check_model_name(name)
+    reward = testing.hps_shaped_reward() if name == "flux.1-dev" else testing.tiny_clip_reward(seed=0)
+    return reward if dtype is None else reward.to(dtype=dtype)
+
+
+def trainer_config(args, output_dir: str, max_train_steps: int = 1, cpu: bool = False):
+    """The trainer settings of one benchmark point (the flags both scripts take): the method's defaults plus the
+    point's size, precision and memory options, for ``max_train_steps`` updates."""
+    from diffusers_srpo.trainers import trainer_class_for
+
+    method, overrides = METHOD_VARIANTS[args.method]
+    config_class = trainer_class_for(method).config_class
+    lora = {"lora_rank": args.lora_rank, "lora_alpha": float(args.lora_rank)} if args.lora_rank else {"use_lora": False}
+    return config_class(
+        method=method,
+        **overrides,
+        **lora,
+        output_dir=output_dir,
+        max_train_steps=max_train_steps,
+        train_batch_size=args.batch_size,
+        resolution=args.resolution,
+        rollout_steps=args.rollout_steps,
+        max_sequence_length=args.max_sequence_length,
+        mixed_precision="bf16",
+        gradient_checkpointing=bool(args.checkpointing),
+        vae_gradient_checkpointing=bool(args.checkpointing),
+        checkpointing_steps=0,
+        validation_steps=0,
+        cpu=cpu,
+    )
