@@ -79,6 +79,15 @@ def test_sigterm_mid_run_checkpoints_and_the_resumed_lora_is_bit_identical(world
         assert torch.equal(expected[key], got[key]), key
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """A shell without job control starts a background job (``cmd &``) with SIGINT ignored, which the trainer rightly
+    leaves ignored; these tests press Ctrl-C, so they start from Python's own handler whatever launched the suite."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def make_trainer(tmp_path, name="run", pipe=None, **overrides):
     pipe = pipe if pipe is not None else tiny_flux_pipeline(seed=0)
     config = tiny_config("srpo", tmp_path / name, **overrides)
