@@ -60,15 +60,7 @@ def simulate_point(args) -> dict:
     peak_gib = cost.peak_bytes / GIB
     return {
         "simulated": True,
-        "model": args.model,
-        "method": args.method,
-        "resolution": args.resolution,
-        "batch_size": args.batch_size,
-        "rollout_steps": args.rollout_steps,
-        "max_sequence_length": args.max_sequence_length,
-        "lora_rank": args.lora_rank,
-        "checkpointing": bool(args.checkpointing),
-        "reward_dtype": args.reward_dtype,
+        **scale_models.point_fields(args),
         "params": cost.transformer_params,
         "trainable_params": cost.trainable_params,
         "peak_gib": peak_gib,

@@ -26,15 +26,12 @@ from contextlib import contextmanager
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import scale_models  # noqa: E402
+
 PARTS = ("rollout", "forward_with_grad", "decode", "reward", "backward_and_update")
-#: Benchmark name -> (library method, config overrides).
-METHOD_VARIANTS = {
-    "srpo": ("srpo", {}),
-    "direct-align": ("direct-align", {}),
-    "refl": ("refl", {}),
-    "draft-1": ("draft", {"draft_k": 1}),
-    "draft-full": ("draft", {"draft_k": 0}),
-}
+#: Benchmark name -> (library method, config overrides): the reward-gradient methods of scale_models.
+METHOD_VARIANTS = {name: scale_models.METHOD_VARIANTS[name] for name in ("srpo", "direct-align", "refl", "draft-1", "draft-full")}
 
 
 def build_model_config(args):
@@ -78,8 +75,8 @@ def run_worker(args) -> dict:
         rollout_steps=args.rollout_steps,
         max_sequence_length=32,
         mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.checkpointing,
-        vae_gradient_checkpointing=args.checkpointing,
+        gradient_checkpointing=bool(args.checkpointing),
+        vae_gradient_checkpointing=bool(args.checkpointing),
         checkpointing_steps=0,
         validation_steps=0,
         lora_rank=16,

@@ -119,3 +119,18 @@ def trainer_config(args, output_dir: str, max_train_steps: int = 1, cpu: bool = 
         validation_steps=0,
         cpu=cpu,
     )
+
+
+def point_fields(args) -> dict:
+    """What names a benchmark point in both scripts' JSON, so that a simulated and a measured one can be matched."""
+    return {
+        "model": args.model,
+        "method": args.method,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "rollout_steps": args.rollout_steps,
+        "max_sequence_length": args.max_sequence_length,
+        "lora_rank": args.lora_rank,
+        "checkpointing": bool(args.checkpointing),
+        "reward_dtype": args.reward_dtype,
+    }
