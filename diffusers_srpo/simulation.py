@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["REAL_NUMEL_LIMIT", "LiveBytes", "UpdateCost", "base_parameter_count", "simulate_update", "simulated_tensors"]
+__all__ = ["REAL_NUMEL_LIMIT", "LiveBytes", "UpdateCost", "base_parameter_count", "prepare_steady_update", "simulate_update", "simulated_tensors"]
 
 #: Factories of at most this many elements run for real inside :func:`simulated_tensors` (noise, ids, schedules).
 REAL_NUMEL_LIMIT = 2**24
@@ -146,14 +146,6 @@ class UpdateCost:
     """What one simulated update costs. Bytes are of the training device; FLOPs are floating-point operations."""
 
     peak_bytes: int
-    #: Weights of the transformer that are not trained (the whole base model under LoRA; nothing in a full fine-tune).
-    frozen_weight_bytes: int
-    #: Trained weights, their gradients at the peak and the optimizer state (AdamW: two fp32 moments per weight).
-    training_state_bytes: int
-    #: Weights of the VAE and of the reward (both frozen).
-    vae_and_reward_bytes: int
-    #: Everything else alive at the peak: activations saved for backward, temporaries, the latents.
-    activation_bytes: int
     #: FLOPs of ``training_step`` itself: the rollout, and TailorPO's ranked pairs.
     sampling_flops: int
     #: FLOPs of the micro-step losses (forwards with gradient, VAE and reward), their backward passes and the step.
@@ -167,6 +159,26 @@ class UpdateCost:
     @property
     def flops(self) -> int:
         return self.sampling_flops + self.gradient_flops
+
+    @property
+    def frozen_weight_bytes(self) -> int:
+        """Weights of the transformer that are not trained (the whole base model under LoRA; none in a full fine-tune)."""
+        return self.peak_by_category.get("frozen weights", 0)
+
+    @property
+    def training_state_bytes(self) -> int:
+        """Trained weights, their gradients at the peak and the optimizer state (AdamW: two fp32 moments per weight)."""
+        return sum(self.peak_by_category.get(key, 0) for key in ("trained weights", "gradients", "optimizer state"))
+
+    @property
+    def vae_and_reward_bytes(self) -> int:
+        """Weights of the VAE and of the reward (both frozen)."""
+        return self.peak_by_category.get("vae and reward", 0)
+
+    @property
+    def activation_bytes(self) -> int:
+        """Everything else alive at the peak: activations saved for backward, temporaries, the latents."""
+        return self.peak_by_category.get("activations", 0)
 
 
 def base_parameter_count(transformer: torch.nn.Module) -> int:
@@ -226,9 +238,12 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _initialise_optimizer_state(trainer) -> None:
-    """Give the optimizer the state it holds from the second update on (AdamW makes its moments lazily on the first
-    step), so that the simulated update is a steady one. The weights' values are fake, so stepping costs nothing."""
+def prepare_steady_update(trainer) -> None:
+    """Bring ``trainer`` to where an update of a running ``train()`` starts: the prompts encoded once (train() does
+    it before its first update, then sends the encoders away) and the optimizer state of the second update on
+    (AdamW makes its moments lazily on the first step). On fake weights the step costs nothing; on real ones it
+    moves nothing (zero gradients, and a simulated or measured update's weights are not kept)."""
+    trainer.cache_prompt_embeddings(trainer.prompts)
     for parameter in trainer.trainable_parameters:
         parameter.grad = torch.zeros_like(parameter)
     trainer.optimizer.step()
@@ -241,9 +256,7 @@ def simulate_update(trainer, step: int = 0) -> UpdateCost:
 
     from .trainers.stopping import StopRequest
 
-    # What train() does before its first update: the prompts are encoded once and the encoders sent away.
-    trainer.cache_prompt_embeddings(trainer.prompts)
-    _initialise_optimizer_state(trainer)
+    prepare_steady_update(trainer)
     transformer = trainer.accelerator.unwrap_model(trainer.model)
 
     memory = LiveBytes()
@@ -280,16 +293,11 @@ def simulate_update(trainer, step: int = 0) -> UpdateCost:
         for hook in hooks:
             hook.remove()
     total_flops = flop_counter.get_total_flops()
-    peak = memory.peak
     return UpdateCost(
         peak_bytes=memory.peak_total,
-        frozen_weight_bytes=peak.get("frozen weights", 0),
-        training_state_bytes=sum(peak.get(key, 0) for key in ("trained weights", "gradients", "optimizer state")),
-        vae_and_reward_bytes=peak.get("vae and reward", 0),
-        activation_bytes=peak.get("activations", 0),
         sampling_flops=sampling[0],
         gradient_flops=total_flops - sampling[0],
         transformer_params=base_parameter_count(transformer),
         trainable_params=sum(p.numel() for p in trainer.trainable_parameters),
-        peak_by_category=peak,
+        peak_by_category=memory.peak,
     )

@@ -121,11 +121,10 @@ def _trainer(name: str, output_dir: str, resolution: int, rollout_steps: int, ch
 def _measured_peak(trainer) -> tuple[int, int]:
     """(bytes alive before the update, their peak during it), from the CPU allocator's own events (the profiler's
     memory records), for the same update the simulator runs."""
-    from diffusers_srpo.simulation import _initialise_optimizer_state
+    from diffusers_srpo.simulation import prepare_steady_update
     from diffusers_srpo.trainers.stopping import StopRequest
 
-    trainer.cache_prompt_embeddings(trainer.prompts)
-    _initialise_optimizer_state(trainer)
+    prepare_steady_update(trainer)
     transformer = trainer.accelerator.unwrap_model(trainer.model)
     state = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     tensors = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in [
