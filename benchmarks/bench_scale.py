@@ -1,8 +1,8 @@
 """Simulated memory and FLOPs of one training update of FLUX.1-dev at its real size, on a CPU, in seconds.
 
 The real FLUX.1-dev transformer (11.9B), its VAE and the HPS v2.1 reward (open_clip ViT-H-14) are built on fake
-tensors, and the project's own trainer runs one update under torch's MemTracker and FlopCounterMode
-(``diffusers_srpo.simulation``). Every number is **simulated**; ``gpu_update.py`` measures the same update on a GPU.
+tensors, and the project's own trainer runs one update under a memory tracker and torch's FLOP formulas
+(``diffusers_srpo.simulation``; the rollout's repeated steps are simulated once and replayed). Every number is **simulated**; ``gpu_update.py`` measures the same update on a GPU.
 
     python benchmarks/bench_scale.py --model flux.1-dev --method srpo --resolution 720 --json OUT.json   # one point
     python benchmarks/bench_scale.py                                      # the grid: a markdown table + JSON
