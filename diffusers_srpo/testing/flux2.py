@@ -1,0 +1,1 @@
+"""Tiny, offline, seeded builder of the flux2 pipeline. Being written."""

@@ -1,0 +1,1 @@
+"""Tiny, offline, seeded builder of the qwen_image pipeline. Being written."""

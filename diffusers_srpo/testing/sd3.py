@@ -1,0 +1,1 @@
+"""Tiny, offline, seeded builder of the sd3 pipeline. Being written."""
