@@ -41,6 +41,15 @@ def world(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One torch thread for a whole test module of tiny models (see ``one_thread``), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (the toy world's small matmuls run fastest so), restored afterwards."""

@@ -14,8 +14,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from diffusers_srpo import SRPOConfig, SRPOTrainer
 from diffusers_srpo.models import FluxAdapter
-from diffusers_srpo.trainers.base import with_model_defaults
 from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline, tiny_trainer_config
+from diffusers_srpo.trainers.base import with_model_defaults
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
 SIZE = 32

@@ -2,12 +2,18 @@
 
 from .base import ModelAdapter, TextConditioning
 from .flux import FLUX_LORA_TARGET_MODULES, FluxAdapter, FluxConditioning
-from .flux2 import Flux2Adapter
+from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 
 #: Every family the trainers drive, in the order the error message names them.
-MODEL_ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, Flux2Adapter, QwenImageAdapter, SD3Adapter)
+MODEL_ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    FluxAdapter,
+    Flux2Adapter,
+    Flux2KleinAdapter,
+    QwenImageAdapter,
+    SD3Adapter,
+)
 
 
 def get_model_adapter(pipe, negative_prompt: str | None = None) -> ModelAdapter:
@@ -15,7 +21,9 @@ def get_model_adapter(pipe, negative_prompt: str | None = None) -> ModelAdapter:
     for adapter_class in MODEL_ADAPTERS:
         if adapter_class.supports(pipe):
             return adapter_class(pipe, negative_prompt=negative_prompt)
-    raise TypeError(f"diffusers-srpo cannot drive a {type(pipe).__name__}; supported pipelines: {supported_pipelines()}")
+    raise TypeError(
+        f"diffusers-srpo cannot drive a {type(pipe).__name__}; supported pipelines: {supported_pipelines()}"
+    )
 
 
 def adapter_class_for_pipeline(class_name: str | None) -> type[ModelAdapter] | None:
@@ -37,6 +45,7 @@ __all__ = [
     "FLUX_LORA_TARGET_MODULES",
     "MODEL_ADAPTERS",
     "Flux2Adapter",
+    "Flux2KleinAdapter",
     "FluxAdapter",
     "FluxConditioning",
     "ModelAdapter",

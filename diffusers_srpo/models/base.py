@@ -74,7 +74,8 @@ class ModelAdapter:
     pipeline_class_names: ClassVar[tuple[str, ...]]
     #: The family's transformer classes, by name (what ``extract-lora`` recognises a base model by).
     transformer_class_names: ClassVar[tuple[str, ...]]
-    #: The transformer's modules a LoRA targets by default: those of diffusers' own LoRA training example.
+    #: The transformer's modules a LoRA targets by default: those of diffusers' own LoRA training example (a property
+    #: where the list depends on the model's depth, as FLUX.2's does).
     lora_target_modules: ClassVar[tuple[str, ...]]
     #: The transformer's block classes, by name: the units of activation checkpointing and sharding.
     transformer_block_class_names: ClassVar[tuple[str, ...]]
@@ -87,6 +88,8 @@ class ModelAdapter:
     default_negative_prompt: ClassVar[str | None] = None
     #: Token length of the prompt encoding that the family's pipeline uses by default.
     default_max_sequence_length: ClassVar[int]
+    #: Static shift of the trainers' rollout schedule and Direct-Align's training grid (the reference's FLUX recipe).
+    default_direct_align_shift: ClassVar[float] = 3.0
 
     def __init__(self, pipe, negative_prompt: str | None = None):
         self.pipe = pipe
@@ -161,7 +164,8 @@ class ModelAdapter:
 
     def decode_vae_input(self, vae_latents: torch.Tensor) -> torch.Tensor:
         """VAE-input latents -> images ``[B, 3, H, W]`` in [0, 1], differentiable (the VAE is frozen, not detached)."""
-        raise NotImplementedError
+        images = self.vae.decode(vae_latents.to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [0, 1] ``[B, 3, H, W]`` -> latents in the transformer's layout (the VAE posterior mean)."""
@@ -208,8 +212,52 @@ class ModelAdapter:
         state_dict = type(self.pipe).lora_state_dict(directory)
         if isinstance(state_dict, tuple):  # some loaders also return network alphas or metadata
             state_dict = state_dict[0]
-        transformer_state = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
+        transformer_state = {
+            k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")
+        }
         return convert_unet_state_dict_to_peft(transformer_state)
+
+
+class PackedLatents:
+    """For families whose transformer sees the VAE's latents as a sequence of 2x2 patches (FLUX.1, Qwen-Image):
+    ``vae_scale_factor`` image pixels per latent pixel, ``latent_channels`` channels (set by the adapter)."""
+
+    vae_scale_factor: int
+    latent_channels: int
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE's factor times the 2x2 packing."""
+        return 2 * self.vae_scale_factor
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def packed_shape(self, height: int, width: int) -> tuple[int, int]:
+        """``(tokens, channels)`` of the packed latent sequence the transformer sees."""
+        latent_height, latent_width = self.latent_size(height, width)
+        return (latent_height // 2) * (latent_width // 2), 4 * self.latent_channels
+
+
+def dynamically_shifted_sigmas(
+    scheduler, num_inference_steps: int, image_seq_len: int, calculate_shift
+) -> torch.Tensor:
+    """The sigmas of ``FluxPipeline`` / ``QwenImagePipeline.__call__``: ``linspace(1, 1/n, n)`` shifted by a copy of
+    ``scheduler`` with mu from the image's token count (the pipeline module's own ``calculate_shift``, with its
+    fallbacks where the scheduler config lacks a key), then 0."""
+    import numpy as np
+
+    config = scheduler.config
+    mu = calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    scheduler = type(scheduler).from_config(config)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
+    return scheduler.sigmas.float()
 
 
 def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:

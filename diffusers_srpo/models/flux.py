@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelAdapter, TextConditioning, shared
+from .base import ModelAdapter, PackedLatents, TextConditioning, dynamically_shifted_sigmas, shared
 
 # The projections diffusers' FLUX LoRA training example targets (examples/dreambooth/train_dreambooth_lora_flux.py).
 FLUX_LORA_TARGET_MODULES = (
@@ -34,7 +34,7 @@ class FluxConditioning(TextConditioning):
     text_ids: torch.Tensor = shared(cast=False)  # [L, 3]
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(PackedLatents, ModelAdapter):
     """Drives a ``diffusers.FluxPipeline`` (FLUX.1-dev, FLUX.1-schnell and fine-tunes of them)."""
 
     name = "flux"
@@ -54,11 +54,6 @@ class FluxAdapter(ModelAdapter):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.vae.config.latent_channels
 
-    @property
-    def size_multiple(self) -> int:
-        """Height and width must be multiples of this."""
-        return 2 * self.vae_scale_factor
-
     def text_encoders(self) -> list[torch.nn.Module]:
         return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m is not None]
 
@@ -68,14 +63,6 @@ class FluxAdapter(ModelAdapter):
             prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
         )
         return FluxConditioning(prompt_embeds, pooled, text_ids)
-
-    def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        return height // self.vae_scale_factor, width // self.vae_scale_factor
-
-    def packed_shape(self, height: int, width: int) -> tuple[int, int]:
-        """``(tokens, channels)`` of the packed latent sequence the transformer sees."""
-        latent_height, latent_width = self.latent_size(height, width)
-        return (latent_height // 2) * (latent_width // 2), 4 * self.latent_channels
 
     def make_noise(self, batch_size: int, height: int, width: int, generator: torch.Generator, device, dtype):
         """Packed Gaussian noise drawn on the CPU generator, so every device and process sees the same numbers."""
@@ -127,22 +114,11 @@ class FluxAdapter(ModelAdapter):
         return self.unpack(latents, height, width) / config.scaling_factor + config.shift_factor
 
     def stock_sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
-        """``FluxPipeline.__call__``'s: ``linspace(1, 1/n, n)`` shifted by the scheduler (dynamically, with mu from
-        the image's token count, for FLUX.1-dev), then 0."""
-        import numpy as np
+        """``FluxPipeline.__call__``'s (dynamically shifted for FLUX.1-dev)."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        config = self.pipe.scheduler.config
-        mu = calculate_shift(
-            self.packed_shape(height, width)[0],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        scheduler = type(self.pipe.scheduler).from_config(config)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
-        return scheduler.sigmas.float()
+        tokens = self.packed_shape(height, width)[0]
+        return dynamically_shifted_sigmas(self.pipe.scheduler, num_inference_steps, tokens, calculate_shift)
 
     def recover_vae_input(
         self,
@@ -163,12 +139,16 @@ class FluxAdapter(ModelAdapter):
         config = self.vae.config
         latent_height, latent_width = self.latent_size(height, width)
         return ops.step_and_recover_to_vae(
-            velocity, sample, sigma_from, sigma_to, noise, latent_height, latent_width, config.scaling_factor, config.shift_factor
+            velocity,
+            sample,
+            sigma_from,
+            sigma_to,
+            noise,
+            latent_height,
+            latent_width,
+            config.scaling_factor,
+            config.shift_factor,
         )
-
-    def decode_vae_input(self, vae_latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(vae_latents.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ Everything here is built from configs in memory: no file or network access beyon
 CLIP BPE vocabulary that ships inside ``open_clip``. The components are the real diffusers,
 transformers and open_clip classes, so every code path of the library runs unchanged on them.
 Sizes are parameters: the defaults are for unit tests, larger values give FLUX-shaped models
-for CPU benchmarks.
+for CPU benchmarks. ``TINY_PIPELINES`` maps each supported family to its tiny builder.
 """
 
 from __future__ import annotations
@@ -19,6 +19,25 @@ from .flux import (
     tiny_flux_components,
     tiny_flux_pipeline,
 )
+from .flux2 import (
+    FLUX2_DEV_SCHEDULER_CONFIG,
+    FLUX2_DEV_TRANSFORMER_CONFIG,
+    FLUX2_VAE_CONFIG,
+    TinyFlux2Config,
+    flux2_dev_shaped_pipeline,
+    tiny_flux2_components,
+    tiny_flux2_klein_pipeline,
+    tiny_flux2_pipeline,
+)
+from .qwen_image import (
+    QWEN_IMAGE_SCHEDULER_CONFIG,
+    QWEN_IMAGE_TRANSFORMER_CONFIG,
+    QWEN_IMAGE_VAE_CONFIG,
+    TinyQwenImageConfig,
+    qwen_image_shaped_pipeline,
+    tiny_qwen_image_components,
+    tiny_qwen_image_pipeline,
+)
 from .rewards import (
     HPS_ARCHITECTURE,
     TinyCLIPConfig,
@@ -32,8 +51,49 @@ from .rewards import (
     tiny_open_clip_model,
     tiny_transformers_clip_model,
 )
+from .sd3 import (
+    SD3_SCHEDULER_CONFIG,
+    SD3_VAE_CONFIG,
+    SD35_LARGE_TRANSFORMER_CONFIG,
+    TinySD3Config,
+    sd35_shaped_pipeline,
+    tiny_sd3_components,
+    tiny_sd3_pipeline,
+)
+
+#: Each supported family's tiny pipeline builder, by the family's adapter name (``models.MODEL_ADAPTERS``).
+TINY_PIPELINES = {
+    "flux": tiny_flux_pipeline,
+    "flux2": tiny_flux2_pipeline,
+    "flux2-klein": tiny_flux2_klein_pipeline,
+    "qwen-image": tiny_qwen_image_pipeline,
+    "sd3": tiny_sd3_pipeline,
+}
 
 __all__ = [
+    "TINY_PIPELINES",
+    "FLUX2_DEV_SCHEDULER_CONFIG",
+    "FLUX2_DEV_TRANSFORMER_CONFIG",
+    "FLUX2_VAE_CONFIG",
+    "TinyFlux2Config",
+    "flux2_dev_shaped_pipeline",
+    "tiny_flux2_components",
+    "tiny_flux2_klein_pipeline",
+    "tiny_flux2_pipeline",
+    "QWEN_IMAGE_SCHEDULER_CONFIG",
+    "QWEN_IMAGE_TRANSFORMER_CONFIG",
+    "QWEN_IMAGE_VAE_CONFIG",
+    "TinyQwenImageConfig",
+    "qwen_image_shaped_pipeline",
+    "tiny_qwen_image_components",
+    "tiny_qwen_image_pipeline",
+    "SD3_SCHEDULER_CONFIG",
+    "SD3_VAE_CONFIG",
+    "SD35_LARGE_TRANSFORMER_CONFIG",
+    "TinySD3Config",
+    "sd35_shaped_pipeline",
+    "tiny_sd3_components",
+    "tiny_sd3_pipeline",
     "FLUX_DEV_SCHEDULER_CONFIG",
     "FLUX_DEV_TRANSFORMER_CONFIG",
     "FLUX_DEV_VAE_CONFIG",

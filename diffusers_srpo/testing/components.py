@@ -68,3 +68,48 @@ def seeded(seed: int, build):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+
+def tiny_t5_encoder(
+    seed: int, vocab_size: int, width: int, layers: int, heads: int, ff_width: int = 0, head_width: int = 0
+):
+    """A ``T5EncoderModel`` of ``width`` (the transformer's text width), gated-GELU as T5 v1.1; ``ff_width`` and
+    ``head_width`` 0 mean ``2 * width`` and ``width // heads``."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=width,
+        d_ff=ff_width or 2 * width,
+        d_kv=head_width or width // heads,
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return seeded(seed, lambda: T5EncoderModel(config))
+
+
+def tiny_autoencoder(seed: int, vae_class, block_out_channels, latent_channels: int, norm_num_groups: int, **config):
+    """A small 2D VAE of diffusers' ``AutoencoderKL`` family (``vae_class``): one layer per block, each block after
+    the first halving the resolution; ``config`` adds the class's own settings (scaling and shift factors)."""
+    num_blocks = len(block_out_channels)
+    return seeded(
+        seed,
+        lambda: vae_class(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * num_blocks,
+            up_block_types=("UpDecoderBlock2D",) * num_blocks,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=norm_num_groups,
+            sample_size=32,
+            **config,
+        ),
+    )

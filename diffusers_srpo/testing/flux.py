@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .components import _CLIP_BOS_ID, _CLIP_EOS_ID, _CLIP_VOCAB_SIZE, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
+from .components import (
+    _CLIP_BOS_ID,
+    _CLIP_EOS_ID,
+    _CLIP_VOCAB_SIZE,
+    seeded,
+    tiny_autoencoder,
+    tiny_clip_tokenizer,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
 
 # The scheduler_config.json of black-forest-labs/FLUX.1-dev.
 FLUX_DEV_SCHEDULER_CONFIG = {
@@ -96,7 +105,7 @@ def tiny_flux_components(
     """The keyword arguments of ``FluxPipeline(...)``: all modules built from configs, in eval mode (without the
     transformer and the VAE, which the caller adds, when not ``build_transformer_and_vae``)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = config or TinyFluxConfig()
     t5_tokenizer = tiny_t5_tokenizer()
@@ -136,44 +145,20 @@ def tiny_flux_components(
             )
         ),
     )
-    text_encoder_2 = seeded(
-        seed + 2,
-        lambda: T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=cfg.t5_dim,
-                d_ff=cfg.t5_ff_dim or 2 * cfg.t5_dim,
-                d_kv=cfg.t5_head_dim or cfg.t5_dim // cfg.t5_heads,
-                num_layers=cfg.t5_layers,
-                num_heads=cfg.t5_heads,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-                feed_forward_proj="gated-gelu",
-                is_encoder_decoder=False,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        ),
+    text_encoder_2 = tiny_t5_encoder(
+        seed + 2, len(t5_tokenizer), cfg.t5_dim, cfg.t5_layers, cfg.t5_heads, cfg.t5_ff_dim, cfg.t5_head_dim
     )
     if build_transformer_and_vae:
-        num_blocks = len(cfg.vae_block_out_channels)
-        vae = seeded(
+        vae = tiny_autoencoder(
             seed + 3,
-            lambda: AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * num_blocks,
-                up_block_types=("UpDecoderBlock2D",) * num_blocks,
-                block_out_channels=tuple(cfg.vae_block_out_channels),
-                layers_per_block=1,
-                latent_channels=cfg.latent_channels,
-                norm_num_groups=cfg.vae_norm_num_groups,
-                sample_size=32,
-                scaling_factor=FLUX_VAE_SCALING_FACTOR,
-                shift_factor=FLUX_VAE_SHIFT_FACTOR,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            ),
+            AutoencoderKL,
+            cfg.vae_block_out_channels,
+            cfg.latent_channels,
+            cfg.vae_norm_num_groups,
+            scaling_factor=FLUX_VAE_SCALING_FACTOR,
+            shift_factor=FLUX_VAE_SHIFT_FACTOR,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         )
     for module in (transformer, text_encoder, text_encoder_2, vae):
         if module is not None:

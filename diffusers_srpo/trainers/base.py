@@ -82,7 +82,8 @@ def _mix_seed(*parts: int) -> int:
 
 def with_model_defaults(config: TrainerConfig, adapter) -> TrainerConfig:
     """``config`` with the settings it leaves to the model (``None``) taken from the model family's adapter: the
-    prompt length, the guidance of the rollout and of Direct-Align's training forward, the negative prompt. A
+    prompt length, the schedule's shift, the guidance of the rollout and of Direct-Align's training forward, the
+    negative prompt. A
     negative prompt given to a model without classifier-free guidance is refused (it would do nothing)."""
     if config.negative_prompt is not None and adapter.guidance_kind != "cfg":
         raise ValueError(
@@ -91,6 +92,7 @@ def with_model_defaults(config: TrainerConfig, adapter) -> TrainerConfig:
         )
     defaults = {
         "max_sequence_length": adapter.default_max_sequence_length,
+        "direct_align_shift": adapter.default_direct_align_shift,
         "rollout_guidance": adapter.default_rollout_guidance,
         "train_guidance": adapter.default_train_guidance,
         "negative_prompt": adapter.negative_prompt,
@@ -214,7 +216,7 @@ class BaseTrainer:
 
     def scheduler_overrides(self) -> dict:
         """Settings of the ``DirectAlignScheduler`` built from the pipeline's scheduler config."""
-        return {"rollout_steps": self.config.rollout_steps}
+        return {"rollout_steps": self.config.rollout_steps, "direct_align_shift": self.config.direct_align_shift}
 
     def training_step(self, step: int) -> StepOutput:
         raise NotImplementedError

@@ -144,6 +144,14 @@ class TrainerConfig:
     # Sampling
     resolution: int = field(default=720, metadata=_help("Training image height and width in pixels."))
     rollout_steps: int = field(default=25, metadata=_help("Euler steps of the online rollout that makes x0."))
+    direct_align_shift: float | None = field(
+        default=None,
+        metadata=_help(
+            "Static shift s(t) = shift t / (1 + (shift - 1) t) of the rollout schedule and of Direct-Align's training "
+            "grid. Default the model's: 3 (the reference's FLUX recipe; SD3, FLUX.2), 1, no shift, for Qwen-Image (the "
+            "reference's Qwen recipe)."
+        ),
+    )
     rollout_guidance: float | None = field(
         default=None,
         metadata=_help(
@@ -217,6 +225,8 @@ class TrainerConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.learning_rate is None:
             self.learning_rate = 1e-4 if self.use_lora else 5e-6
+        if self.direct_align_shift is not None and not self.direct_align_shift > 0:
+            raise ValueError(f"direct_align_shift must be > 0, got {self.direct_align_shift!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         for name in ("adam_beta1", "adam_beta2"):
