@@ -1,7 +1,8 @@
-"""Simulated memory and FLOPs of one training update of FLUX.1-dev at its real size, on a CPU, in seconds.
+"""Simulated memory and FLOPs of one training update of FLUX.1-dev (or FLUX.2-dev, Qwen-Image, SD3.5 Large) at its
+real size, on a CPU, in seconds.
 
-The real FLUX.1-dev transformer (11.9B), its VAE and the HPS v2.1 reward (open_clip ViT-H-14) are built on fake
-tensors, and the project's own trainer runs one update under a memory tracker and torch's FLOP formulas
+The real FLUX.1-dev transformer (11.9B; ``--model`` picks another family's), its VAE and the HPS v2.1 reward
+(open_clip ViT-H-14) are built on fake tensors, and the project's own trainer runs one update under a memory tracker and torch's FLOP formulas
 (``diffusers_srpo.simulation``; the rollout's repeated steps are simulated once and replayed). Every number is **simulated**; ``gpu_update.py`` measures the same update on a GPU.
 
     python benchmarks/bench_scale.py --model flux.1-dev --method srpo --resolution 720 --json OUT.json   # one point

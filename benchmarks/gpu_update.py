@@ -38,7 +38,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import scale_models  # noqa: E402
-from scale_models import DEFAULTS, DTYPES, METHOD_VARIANTS, MODEL_NAMES, PROMPTS, build_pipeline, build_reward  # noqa: E402
+from scale_models import (  # noqa: E402
+    DEFAULTS,
+    DTYPES,
+    METHOD_VARIANTS,
+    MODEL_NAMES,
+    PROMPTS,
+    REAL_SIZE_BUILDERS,
+    build_pipeline,
+    build_reward,
+)
 
 GIB = 2**30
 #: Dense bf16 tensor-core rate of an H100 / H200 SXM (the spec sheet, without sparsity).
@@ -185,10 +194,8 @@ def run(args) -> dict:
     from diffusers_srpo.trainers import trainer_class_for
 
     cuda = torch.cuda.is_available()
-    if args.model == "flux.1-dev" and not cuda:
-        raise SystemExit(
-            "gpu_update: flux.1-dev (11.9B parameters) needs a CUDA device; use --model tiny or flux-37m on a CPU"
-        )
+    if args.model in REAL_SIZE_BUILDERS and not cuda:
+        raise SystemExit(f"gpu_update: {args.model} at its real size needs a CUDA device; use --model tiny or flux-37m on a CPU")
     device = torch.device("cuda" if cuda else "cpu")
     simulated = read_simulated(args.simulated, args)
     try:

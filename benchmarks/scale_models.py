@@ -1,10 +1,14 @@
-"""The models the scale benchmarks run: FLUX.1-dev's real shapes, and smaller FLUX-shaped models that a CPU measures.
+"""The models the scale benchmarks run: each supported family's real shapes, and smaller FLUX-shaped models that a CPU
+measures.
 
 ``bench_scale.py`` builds them in fake tensor mode (no memory at all), ``gpu_update.py`` on a device with random
-weights; both take the same names, so that a simulated and a measured number are of the same model.
+weights; both take the same names, so that a simulated and a measured number are of the same model. Every real-size
+model is scored by HPS v2.1's architecture (open_clip ViT-H-14, 986M).
 
-- ``flux.1-dev``: the 11.9B transformer (19 double + 38 single blocks, 3072 wide), the FLUX VAE and the HPS v2.1
-  reward (open_clip ViT-H-14, 986M), each at its real config.
+- ``flux.1-dev``: the 11.9B transformer (19 double + 38 single blocks, 3072 wide) and the FLUX VAE.
+- ``flux.2-dev``: the 32.2B transformer (8 double + 48 single blocks, 6144 wide) and the FLUX.2 VAE.
+- ``qwen-image``: the 20.4B transformer (60 blocks, 3072 wide) and the Qwen-Image VAE.
+- ``sd3.5-large``: the 8.1B transformer (38 blocks, 2432 wide) and the SD3 VAE.
 - ``flux-37m``: the 37M FLUX-shaped transformer of ``bench_train_step.py`` with an 8x VAE and a small CLIP reward:
   what this CPU measures to validate the simulator.
 - ``tiny``: the unit tests' pipeline and reward (seconds on a CPU).
@@ -16,7 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-MODEL_NAMES = ("flux.1-dev", "flux-37m", "tiny")
+MODEL_NAMES = ("flux.1-dev", "flux.2-dev", "qwen-image", "sd3.5-large", "flux-37m", "tiny")
+#: The models at their real size, built by the family's shaped builder of ``diffusers_srpo.testing``.
+REAL_SIZE_BUILDERS = {
+    "flux.1-dev": "flux_dev_shaped_pipeline",
+    "flux.2-dev": "flux2_dev_shaped_pipeline",
+    "qwen-image": "qwen_image_shaped_pipeline",
+    "sd3.5-large": "sd35_shaped_pipeline",
+}
 #: Benchmark name -> (library method, config overrides).
 METHOD_VARIANTS = {
     "srpo": ("srpo", {}),
@@ -44,6 +55,11 @@ class ModelDefaults:
 
 DEFAULTS = {
     "flux.1-dev": ModelDefaults(resolution=720, rollout_steps=25, max_sequence_length=512),
+    # The reference's Qwen recipe: 720 px, 26 rollout steps, the prompt length of its encoding.
+    "qwen-image": ModelDefaults(resolution=720, rollout_steps=26, max_sequence_length=1024),
+    # The models' own sizes and their pipelines' prompt lengths.
+    "flux.2-dev": ModelDefaults(resolution=1024, rollout_steps=25, max_sequence_length=512),
+    "sd3.5-large": ModelDefaults(resolution=1024, rollout_steps=25, max_sequence_length=256),
     "flux-37m": ModelDefaults(resolution=256, rollout_steps=25, max_sequence_length=32),
     "tiny": ModelDefaults(resolution=32, rollout_steps=4, max_sequence_length=16),
 }
@@ -73,24 +89,24 @@ def check_model_name(name: str) -> str:
 
 
 def build_pipeline(name: str, dtype: torch.dtype = torch.bfloat16):
-    """The ``FluxPipeline`` of ``name`` with random weights in ``dtype``, built in the current device context."""
+    """The pipeline of ``name`` with random weights in ``dtype``, built in the current device context."""
     from diffusers_srpo import testing
 
     check_model_name(name)
-    if name == "flux.1-dev":
-        return testing.flux_dev_shaped_pipeline(dtype=dtype)
+    if name in REAL_SIZE_BUILDERS:
+        return getattr(testing, REAL_SIZE_BUILDERS[name])(dtype=dtype)
     config = _flux_37m_config() if name == "flux-37m" else None
     pipe = testing.tiny_flux_pipeline(seed=0, config=config)
     return pipe.to(dtype)
 
 
 def build_reward(name: str, dtype: torch.dtype | None = None):
-    """The reward of ``name``: HPS v2.1's architecture for FLUX.1-dev, the tests' small CLIP reward otherwise.
+    """The reward of ``name``: HPS v2.1's architecture at real size, the tests' small CLIP reward otherwise.
     ``dtype=None`` keeps float32, as ``diffusers-srpo train`` loads a reward."""
     from diffusers_srpo import testing
 
     check_model_name(name)
-    reward = testing.hps_shaped_reward() if name == "flux.1-dev" else testing.tiny_clip_reward(seed=0)
+    reward = testing.hps_shaped_reward() if name in REAL_SIZE_BUILDERS else testing.tiny_clip_reward(seed=0)
     return reward if dtype is None else reward.to(dtype=dtype)
 
 

@@ -58,7 +58,8 @@ class TrainArguments:
         metadata=_help("YAML or JSON file of settings (any option below, by its name); options on the command line win."),
     )
     model: str = field(
-        default="black-forest-labs/FLUX.1-dev", metadata=_help("FluxPipeline to align: a hub id or a local folder.")
+        default="black-forest-labs/FLUX.1-dev",
+        metadata=_help("Pipeline to align, a hub id or a local folder: FLUX.1, FLUX.2, Qwen-Image or SD3 / SD3.5."),
     )
     reward: str = field(
         default="hpsv2:v2.1",
@@ -74,7 +75,8 @@ class TrainArguments:
 @dataclass
 class SampleArguments:
     model: str = field(
-        default="black-forest-labs/FLUX.1-dev", metadata=_help("FluxPipeline to sample: a hub id or a local folder.")
+        default="black-forest-labs/FLUX.1-dev",
+        metadata=_help("Pipeline to sample, a hub id or a local folder: FLUX.1, FLUX.2, Qwen-Image or SD3 / SD3.5."),
     )
     prompt: list[str] | None = field(default=None, metadata=_help("One or more prompts."))
     prompt_file: str | None = field(default=None, metadata=_help("Prompts from a .txt (one a line) or .jsonl file."))
@@ -84,12 +86,23 @@ class SampleArguments:
     )
     output_dir: str = field(default="samples", metadata=_help("Folder for the PNGs and grid.png."))
     num_inference_steps: int = field(default=28, metadata=_help("Sampling steps."))
-    guidance_scale: float = field(default=3.5, metadata=_help("FLUX distilled guidance."))
+    guidance_scale: float | None = field(
+        default=None,
+        metadata=_help(
+            "Distilled guidance (FLUX.1, FLUX.2 dev) or classifier-free guidance scale (SD3, Qwen-Image, FLUX.2 "
+            "klein); default the pipeline's own."
+        ),
+    )
+    negative_prompt: str | None = field(
+        default=None, metadata=_help("Negative prompt of classifier-free guidance; default ''.")
+    )
     height: int = field(default=1024, metadata=_help("Image height in pixels."))
     width: int = field(default=1024, metadata=_help("Image width in pixels."))
     num_images_per_prompt: int = field(default=1, metadata=_help("Images per prompt."))
     seed: int = field(default=0, metadata=_help("Seed of the noise (the same for every LoRA choice)."))
-    max_sequence_length: int = field(default=512, metadata=_help("Token length of the T5 prompt encoding."))
+    max_sequence_length: int | None = field(
+        default=None, metadata=_help("Token length of the prompt encoding; default the pipeline's own.")
+    )
     torch_dtype: str = field(default="bfloat16", metadata=_help(f"Weight dtype: {', '.join(DTYPE_NAMES)}."))
     device: str | None = field(default=None, metadata=_help("Device; default cuda when available, else cpu."))
 
@@ -109,7 +122,7 @@ class DemoArguments:
 class ExtractLoraArguments:
     base: str = field(
         default="black-forest-labs/FLUX.1-dev",
-        metadata=_help("The base model: a FluxPipeline folder or hub id, or a transformer folder."),
+        metadata=_help("The base model: a pipeline folder or hub id (of a supported family), or a transformer folder."),
     )
     tuned: str | None = field(
         default=None,
@@ -152,14 +165,24 @@ def _checked_device(device: str | None) -> str:
 
 
 def _check_model_source(name: str, option: str, *, transformer_folder_ok: bool = False) -> None:
-    """A local pipeline folder (``model_index.json``; or a transformer folder with ``config.json`` where
-    ``transformer_folder_ok``) or a hub id ``owner/name``; checked before anything is loaded."""
+    """A local pipeline folder (``model_index.json``, of a supported pipeline class; or a transformer folder with
+    ``config.json`` where ``transformer_folder_ok``) or a hub id ``owner/name``; checked before anything is loaded."""
+    from .models import adapter_class_for_pipeline, supported_pipelines
     from .rewards.checkpoints import looks_like_hub_id
 
     if os.path.isdir(name):
         markers = ["model_index.json"] + (["config.json"] if transformer_folder_ok else [])
         if not any(os.path.isfile(os.path.join(name, marker)) for marker in markers):
             raise UsageError(f"{option} {name!r} is a folder without {' or '.join(markers)}: not a diffusers model folder")
+        index = os.path.join(name, "model_index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    class_name = json.load(f).get("_class_name")
+            except (OSError, ValueError, AttributeError):
+                raise UsageError(f"{option} {name!r}: model_index.json is not a readable JSON object") from None
+            if adapter_class_for_pipeline(class_name) is None:
+                raise UsageError(f"{option} {name!r} is a {class_name}; supported pipelines: {supported_pipelines()}")
     elif os.path.exists(name):
         raise UsageError(f"{option} {name!r} is a file; expected a diffusers model folder or a hub id 'owner/name'")
     elif not looks_like_hub_id(name):
@@ -251,7 +274,7 @@ def _dataclass_from(namespace: argparse.Namespace, cls):
 
 # ----------------------------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
-    from diffusers import FluxPipeline
+    from diffusers import DiffusionPipeline
 
     from .prompts import load_prompts
     from .rewards import load_reward
@@ -280,7 +303,7 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
 
     try:
-        pipe = FluxPipeline.from_pretrained(run.model, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(run.model, torch_dtype=dtype)
         trainer = trainer_class(pipe, reward=load_reward(run.reward), config=config)
     except (TypeError, ValueError, OSError) as error:
         raise SetupError(str(error)) from None
@@ -324,10 +347,11 @@ def _check_weight_shapes(transformer, shapes: dict, path: str) -> None:
 
 def _sample(args: argparse.Namespace) -> int:
     import torch
-    from diffusers import FluxPipeline
+    from diffusers import DiffusionPipeline
     from diffusers.utils import make_image_grid
 
     from .atomic import staged_outputs
+    from .models import get_model_adapter
     from .prompts import load_prompts
     from .trainers.base import check_output_dir
 
@@ -343,7 +367,7 @@ def _sample(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         raise UsageError(str(error)) from None
     for name in ("num_inference_steps", "height", "width", "num_images_per_prompt", "max_sequence_length"):
-        if getattr(options, name) <= 0:
+        if getattr(options, name) is not None and getattr(options, name) <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(options, name)}")
     loras = [_parse_lora(spec) for spec in options.lora or []]
     for path, _ in loras:
@@ -357,7 +381,9 @@ def _sample(args: argparse.Namespace) -> int:
     _check_model_source(options.model, "--model")
 
     try:
-        pipe = FluxPipeline.from_pretrained(options.model, torch_dtype=dtype).to(device)
+        pipe = DiffusionPipeline.from_pretrained(options.model, torch_dtype=dtype).to(device)
+        adapter = get_model_adapter(pipe, negative_prompt=options.negative_prompt)
+        call_settings = adapter.pipeline_call_kwargs(options.guidance_scale, options.max_sequence_length)
         names = []
         shapes = {name: parameter.shape for name, parameter in pipe.transformer.named_parameters()}
         for index, (path, _) in enumerate(loras):
@@ -375,14 +401,13 @@ def _sample(args: argparse.Namespace) -> int:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
 
     images = pipe(
-        prompts,
+        prompt=prompts,
         height=options.height,
         width=options.width,
         num_inference_steps=options.num_inference_steps,
-        guidance_scale=options.guidance_scale,
         num_images_per_prompt=options.num_images_per_prompt,
-        max_sequence_length=options.max_sequence_length,
         generator=torch.Generator().manual_seed(options.seed),
+        **call_settings,
     ).images
     with staged_outputs(options.output_dir) as staging:
         for index, image in enumerate(images):
@@ -427,10 +452,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- extract-lora
 def _extract_lora(args: argparse.Namespace) -> int:
-    from diffusers import FluxTransformer2DModel
+    from diffusers import AutoModel
 
     from . import lora
     from .atomic import staged_outputs
+    from .models import adapter_class_for_transformer, supported_pipelines
     from .trainers.base import check_output_dir
 
     options = _dataclass_from(args, ExtractLoraArguments)
@@ -459,9 +485,10 @@ def _extract_lora(args: argparse.Namespace) -> int:
         # The base is compared in the tuned weights' dtype: rounding one side only would add full-rank noise.
         dtype = next(v.dtype for v in tuned.values() if v.is_floating_point())
         is_pipeline = os.path.isfile(os.path.join(options.base, "model_index.json")) or not os.path.isdir(options.base)
-        base = FluxTransformer2DModel.from_pretrained(
-            options.base, subfolder="transformer" if is_pipeline else None, torch_dtype=dtype
-        )
+        base = AutoModel.from_pretrained(options.base, subfolder="transformer" if is_pipeline else None, torch_dtype=dtype)
+        family = adapter_class_for_transformer(type(base).__name__)
+        if family is None:
+            raise ValueError(f"--base {options.base!r} has a {type(base).__name__}; supported pipelines: {supported_pipelines()}")
         extraction = lora.extract_lora(base, tuned, options.rank, device=device)
     except (TypeError, ValueError, OSError) as error:
         raise SetupError(str(error)) from None
@@ -474,7 +501,9 @@ def _extract_lora(args: argparse.Namespace) -> int:
         "uncaptured": {key: dataclasses.asdict(change) for key, change in extraction.uncaptured.items()},
     }
     with staged_outputs(options.output_dir) as staging:
-        weights = os.path.join(options.output_dir, os.path.basename(lora.save_lora(staging, extraction)))
+        weights = os.path.join(
+            options.output_dir, os.path.basename(lora.save_lora(staging, extraction, family.pipeline_class_names[0]))
+        )
         with open(os.path.join(staging, "extraction_report.json"), "w") as f:
             json.dump(report, f, indent=2)
     report_path = os.path.join(options.output_dir, "extraction_report.json")

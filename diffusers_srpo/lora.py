@@ -9,7 +9,7 @@ LoRA and is reported instead of being dropped silently::
     base = FluxTransformer2DModel.from_pretrained("black-forest-labs/FLUX.1-dev", subfolder="transformer")
     tuned = load_transformer_state_dict("srpo/diffusion_pytorch_model.safetensors", base=base)
     extraction = extract_lora(base, tuned, rank=64, device="cuda")
-    save_lora("srpo-lora", extraction)  # FluxPipeline.load_lora_weights("srpo-lora") reads it
+    save_lora("srpo-lora", extraction)  # FluxPipeline.load_lora_weights("srpo-lora") reads it (the default family)
 """
 
 from __future__ import annotations
@@ -321,20 +321,20 @@ def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: unsupported weight file; expected .safetensors, or {', '.join(_PICKLE_SUFFIXES)}")
 
 
-def save_lora(directory: str | os.PathLike, extraction: LoraExtraction) -> str:
+def save_lora(directory: str | os.PathLike, extraction: LoraExtraction, pipeline_class_name: str = "FluxPipeline") -> str:
     """Write ``extraction`` as ``<directory>/pytorch_lora_weights.safetensors``; returns that file's path.
 
-    The file is what ``FluxPipeline.save_lora_weights`` writes (keys prefixed ``transformer.``), with the
-    adapter metadata from :meth:`LoraExtraction.adapter_metadata`, so ``pipe.load_lora_weights(directory)``
+    The file is what ``<pipeline_class_name>.save_lora_weights`` writes (keys prefixed ``transformer.``), with the
+    adapter metadata from :meth:`LoraExtraction.adapter_metadata`, so that pipeline's ``load_lora_weights(directory)``
     loads it with the extracted ranks at scale 1.
     """
-    from diffusers import FluxPipeline
+    import diffusers
     from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
     if not extraction.state_dict:
         raise ValueError("nothing to save: no targeted Linear layer differs from the base model")
     directory = os.fspath(directory)
-    FluxPipeline.save_lora_weights(
+    getattr(diffusers, pipeline_class_name).save_lora_weights(
         directory,
         transformer_lora_layers=extraction.state_dict,
         transformer_lora_adapter_metadata=extraction.adapter_metadata(),

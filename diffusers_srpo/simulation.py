@@ -111,18 +111,23 @@ def simulated_tensors() -> Iterator[FakeTensorMode]:
         yield fake_mode
 
 
-@contextlib.contextmanager
-def _real_factories(enabled: bool = True) -> Iterator[None]:
+def _simulation_mode() -> _RealWhereNoWeightTouched | None:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     modes = [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, _RealWhereNoWeightTouched)]
-    if not modes:
+    return modes[-1] if modes else None
+
+
+@contextlib.contextmanager
+def _real_factories(enabled: bool = True) -> Iterator[None]:
+    mode = _simulation_mode()
+    if mode is None:
         raise RuntimeError("simulate_update runs inside simulated_tensors(), where the trainer was built")
-    previous, modes[-1].real_factories = modes[-1].real_factories, enabled
+    previous, mode.real_factories = mode.real_factories, enabled
     try:
         yield
     finally:
-        modes[-1].real_factories = previous
+        mode.real_factories = previous
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -408,7 +413,9 @@ def prepare_steady_update(trainer) -> None:
     it before its first update, then sends the encoders away) and the optimizer state of the second update on
     (AdamW makes its moments lazily on the first step). On fake weights the step costs nothing; on real ones it
     moves nothing (zero gradients, and a simulated or measured update's weights are not kept)."""
-    trainer.cache_prompt_embeddings(trainer.prompts)
+    # Simulated, a text encoder built with real weights encodes for real (Qwen-Image's selects tokens by its mask).
+    with _real_factories() if _simulation_mode() is not None else contextlib.nullcontext():
+        trainer.cache_prompt_embeddings(trainer.prompts)
     for parameter in trainer.trainable_parameters:
         parameter.grad = torch.zeros_like(parameter)
     trainer.optimizer.step()

@@ -11,6 +11,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_repository(tmp_path, monkeypatch):
+    """Every test runs in its own scratch folder, as a user's command would. A Python started in the repository's
+    root (``python -c``, ``python -m``, as tests start fresh processes) puts that folder first on ``sys.path`` and
+    imports its ``kernels/`` folder (installed as ``diffusers_srpo.kernels``) in place of Hugging Face's ``kernels``
+    library, which transformers requires and diffusers imports."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """One tiny FLUX-shaped pipeline shared by tests that only read it."""
@@ -30,6 +39,15 @@ def world(tmp_path_factory):
     save_open_clip_local_dir(tiny_open_clip_model(seed=0), str(root / "clip"))
     (root / "prompts.txt").write_text("a red circle\na blue square\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One torch thread for a whole test module of tiny models (see ``one_thread``), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -261,3 +261,93 @@ def test_train_runs_under_accelerate_launch(world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"to {out}" in result.stdout
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "checkpoint-1").is_dir()
+
+
+# ----------------------------------------------------------------------------------------------- every family
+def _other_families():
+    from diffusers_srpo.testing import TINY_PIPELINES
+
+    # One family beside FLUX.1 in the quick suite (a CLI run is a process start); the others are slow.
+    return [pytest.param(f, marks=() if f == "sd3" else pytest.mark.slow) for f in TINY_PIPELINES if f != "flux"]
+
+
+@pytest.mark.parametrize("family", _other_families())
+def test_train_sample_and_extract_lora_take_any_supported_pipeline(world, tmp_path, family):
+    """``train``, ``sample`` and ``extract-lora`` on a saved pipeline of another family (its own ``model_index.json``,
+    loaded with ``DiffusionPipeline``): the trained LoRA is written for that family's stock loader and ``sample``
+    with it gives the stock pipeline's images with the LoRA loaded."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    from diffusers_srpo.models import get_model_adapter
+    from diffusers_srpo.testing import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES[family]()
+    pipe.save_pretrained(tmp_path / "model")
+    size = str(max(32, 2 * get_model_adapter(pipe).size_multiple))
+    out = tmp_path / "lora"
+    result = run_cli(
+        "train", "--model", tmp_path / "model", "--reward", f"clip:{world / 'clip'}", "--torch_dtype", "float32",
+        "--prompt_file", world / "prompts.txt", "--output_dir", out, "--resolution", size, "--rollout_steps", "2",
+        "--max_sequence_length", "16", "--max_train_steps", "2", "--learning_rate", "1e-2", "--lora_rank", "4",
+        "--mixed_precision", "no", "--cpu", "--checkpointing_steps", "0", "--validation_steps", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"from diffusers import {type(pipe).__name__}" in (out / "README.md").read_text()
+
+    samples = tmp_path / "samples"
+    common = ["--height", size, "--width", size, "--num_inference_steps", 2, "--max_sequence_length", 16, "--seed", 3]
+    result = run_cli(
+        "sample", "--model", tmp_path / "model", "--prompt", "a red circle", "--lora", out, "--torch_dtype",
+        "float32", "--device", "cpu", "--output_dir", samples, *common,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    stock = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    stock.load_lora_weights(str(out))
+    kwargs = get_model_adapter(stock).pipeline_call_kwargs(None, 16)
+    expected = stock(
+        prompt="a red circle", height=int(size), width=int(size), num_inference_steps=2, output_type="np",
+        generator=torch.Generator().manual_seed(3), **kwargs,
+    ).images  # fmt: skip
+    written = np.asarray(Image.open(samples / "000-a-red-circle.png"), dtype=np.float32)
+    assert np.abs(written - (expected[0] * 255).round()).max() <= 1
+
+    # A full fine-tune as a weight file, back to a LoRA of the family's format.
+    tuned = TINY_PIPELINES[family]().transformer
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if name.endswith("to_q.weight"):
+                parameter += 0.05 * torch.randn(parameter.shape[0], 2) @ torch.randn(2, parameter.shape[1])
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, tmp_path / "tuned.safetensors")
+    extracted = tmp_path / "extracted"
+    result = run_cli(
+        "extract-lora", "--base", tmp_path / "model", "--tuned", tmp_path / "tuned.safetensors", "--rank", 2,
+        "--output_dir", extracted, "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    stock = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    stock.load_lora_weights(str(extracted))
+    loaded = dict(stock.transformer.named_parameters())
+    for name, parameter in tuned.named_parameters():
+        if name.endswith("to_q.weight"):
+            base = loaded[name.replace(".weight", ".base_layer.weight")]
+            lora_a = loaded[name.replace(".weight", ".lora_A.default_0.weight")]
+            lora_b = loaded[name.replace(".weight", ".lora_B.default_0.weight")]
+            torch.testing.assert_close(base + lora_b @ lora_a, parameter.detach(), rtol=0, atol=1e-5)
+
+
+def test_an_unsupported_pipeline_is_one_line_naming_the_supported_ones(tmp_path, capsys):
+    model = tmp_path / "sdxl"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    for argv in (
+        ["train", "--model", str(model), "--prompt_file", str(prompts), "--output_dir", str(tmp_path / "out")],
+        ["sample", "--model", str(model), "--prompt", "a red circle", "--output_dir", str(tmp_path / "samples")],
+    ):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "is a StableDiffusionXLPipeline; supported pipelines: FluxPipeline (flux)" in lines[0]
+        assert "QwenImagePipeline (qwen-image)" in lines[0] and "StableDiffusion3Pipeline (sd3)" in lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "samples").exists()

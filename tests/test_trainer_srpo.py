@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from diffusers_srpo import SRPOConfig, SRPOTrainer
+from diffusers_srpo.models import FluxAdapter
 from diffusers_srpo.testing import tiny_clip_reward, tiny_flux_pipeline, tiny_trainer_config
+from diffusers_srpo.trainers.base import with_model_defaults
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
 SIZE = 32
@@ -68,7 +70,11 @@ def test_config_is_validated_at_construction(field, value, message):
 def test_config_defaults_follow_the_spec():
     config = SRPOConfig()
     assert (config.train_window_start, config.train_window_end) == (5, 25)
-    assert config.rollout_steps == 25 and config.rollout_guidance == 1.0 and config.train_guidance == 3.5
+    # Guidance and the prompt length are the model's: FLUX.1's are the reference's (SPEC 1).
+    assert config.rollout_guidance is None and config.train_guidance is None and config.max_sequence_length is None
+    flux = with_model_defaults(config, FluxAdapter(tiny_flux_pipeline()))
+    assert flux.rollout_guidance == 1.0 and flux.train_guidance == 3.5 and flux.max_sequence_length == 512
+    assert config.rollout_steps == 25
     assert config.hinge_threshold == 0.7 and config.max_grad_norm == 0.1 and config.use_inversion
     assert (config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.adam_weight_decay) == (0.9, 0.999, 1e-8, 1e-4)
     assert config.use_lora and config.learning_rate == 1e-4

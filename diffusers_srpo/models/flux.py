@@ -1,15 +1,12 @@
-"""FLUX glue: everything the trainers need to know about ``FluxPipeline``, in one place.
-
-A trainer only talks to a ``ModelAdapter``: encode prompts, make noise in the model's latent
-layout, predict a velocity, decode latents to images. Supporting SD3 or Qwen-Image means
-writing another adapter with the same methods.
-"""
+"""FLUX.1: everything the trainers need to know about ``FluxPipeline``, in one place."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .base import ModelAdapter, PackedLatents, TextConditioning, dynamically_shifted_sigmas, shared
 
 # The projections diffusers' FLUX LoRA training example targets (examples/dreambooth/train_dreambooth_lora_flux.py).
 FLUX_LORA_TARGET_MODULES = (
@@ -29,71 +26,43 @@ FLUX_LORA_TARGET_MODULES = (
 
 
 @dataclass
-class PromptEmbeds:
-    """Text conditioning for a batch, already on the training device."""
+class FluxConditioning(TextConditioning):
+    """FLUX's text conditioning: T5's sequence, CLIP's pooled output and the text position ids."""
 
     prompt_embeds: torch.Tensor  # [B, L, D] T5 sequence
     pooled_prompt_embeds: torch.Tensor  # [B, D_pooled] CLIP pooled output
-    text_ids: torch.Tensor  # [L, 3]
-
-    def to(self, device=None, dtype=None) -> PromptEmbeds:
-        return PromptEmbeds(
-            self.prompt_embeds.to(device=device, dtype=dtype),
-            self.pooled_prompt_embeds.to(device=device, dtype=dtype),
-            self.text_ids.to(device=device),
-        )
-
-    @staticmethod
-    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
-        return PromptEmbeds(
-            torch.cat([item.prompt_embeds for item in items]),
-            torch.cat([item.pooled_prompt_embeds for item in items]),
-            items[0].text_ids,
-        )
+    text_ids: torch.Tensor = shared(cast=False)  # [L, 3]
 
 
-class FluxAdapter:
+class FluxAdapter(PackedLatents, ModelAdapter):
     """Drives a ``diffusers.FluxPipeline`` (FLUX.1-dev, FLUX.1-schnell and fine-tunes of them)."""
 
     name = "flux"
+    pipeline_class_names = ("FluxPipeline",)
+    transformer_class_names = ("FluxTransformer2DModel",)
     lora_target_modules = FLUX_LORA_TARGET_MODULES
+    transformer_block_class_names = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    guidance_kind = "distilled"
+    # SPEC: distilled guidance 1.0 in the rollout, 3.5 in Direct-Align's training forward.
+    default_rollout_guidance = 1.0
+    default_train_guidance = 3.5
+    default_max_sequence_length = 512
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
+    def __init__(self, pipe, negative_prompt: str | None = None):
+        super().__init__(pipe, negative_prompt)
         # Latent pixels per image pixel, and the 2x2 patch packing on top of it.
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.vae.config.latent_channels
-
-    @staticmethod
-    def supports(pipe) -> bool:
-        from diffusers import FluxPipeline
-
-        return isinstance(pipe, FluxPipeline)
-
-    @property
-    def size_multiple(self) -> int:
-        """Height and width must be multiples of this."""
-        return 2 * self.vae_scale_factor
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m is not None]
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device, max_sequence_length: int = 512) -> PromptEmbeds:
+    def encode_prompts(self, prompts: list[str], device, max_sequence_length: int = 512) -> FluxConditioning:
         prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
             prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
         )
-        return PromptEmbeds(prompt_embeds, pooled, text_ids)
-
-    def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        return height // self.vae_scale_factor, width // self.vae_scale_factor
-
-    def packed_shape(self, height: int, width: int) -> tuple[int, int]:
-        """``(tokens, channels)`` of the packed latent sequence the transformer sees."""
-        latent_height, latent_width = self.latent_size(height, width)
-        return (latent_height // 2) * (latent_width // 2), 4 * self.latent_channels
+        return FluxConditioning(prompt_embeds, pooled, text_ids)
 
     def make_noise(self, batch_size: int, height: int, width: int, generator: torch.Generator, device, dtype):
         """Packed Gaussian noise drawn on the CPU generator, so every device and process sees the same numbers."""
@@ -106,7 +75,7 @@ class FluxAdapter:
         transformer: torch.nn.Module,
         latents: torch.Tensor,
         sigma: torch.Tensor,
-        text: PromptEmbeds,
+        text: FluxConditioning,
         guidance: float,
         height: int,
         width: int,
@@ -140,10 +109,16 @@ class FluxAdapter:
         batch_size, channels, latent_height, latent_width = latents.shape
         return self.pipe._pack_latents(latents, batch_size, channels, latent_height, latent_width)
 
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Packed latents -> images in [0, 1], differentiable (the VAE is frozen, not detached)."""
+    def to_vae_input(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         config = self.vae.config
-        return self.decode_vae_input(self.unpack(latents, height, width) / config.scaling_factor + config.shift_factor)
+        return self.unpack(latents, height, width) / config.scaling_factor + config.shift_factor
+
+    def stock_sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """``FluxPipeline.__call__``'s (dynamically shifted for FLUX.1-dev)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        tokens = self.packed_shape(height, width)[0]
+        return dynamically_shifted_sigmas(self.pipe.scheduler, num_inference_steps, tokens, calculate_shift)
 
     def recover_vae_input(
         self,
@@ -164,50 +139,20 @@ class FluxAdapter:
         config = self.vae.config
         latent_height, latent_width = self.latent_size(height, width)
         return ops.step_and_recover_to_vae(
-            velocity, sample, sigma_from, sigma_to, noise, latent_height, latent_width, config.scaling_factor, config.shift_factor
+            velocity,
+            sample,
+            sigma_from,
+            sigma_to,
+            noise,
+            latent_height,
+            latent_width,
+            config.scaling_factor,
+            config.shift_factor,
         )
-
-    def decode_vae_input(self, vae_latents: torch.Tensor) -> torch.Tensor:
-        """VAE-input latents ``[B, C, h, w]`` -> images in [0, 1], differentiable."""
-        images = self.vae.decode(vae_latents.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [0, 1] ``[B, 3, H, W]`` -> packed, scaled latents (the VAE posterior mean)."""
         config = self.vae.config
         pixels = (images * 2 - 1).to(device=self.vae.device, dtype=self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
         return self.pack((latents - config.shift_factor) * config.scaling_factor)
-
-    def enable_gradient_checkpointing(self, transformer: bool, vae: bool) -> None:
-        if transformer:
-            self.transformer.enable_gradient_checkpointing()
-        if vae:
-            self.vae.enable_gradient_checkpointing()
-
-    def save_lora_weights(self, directory: str, lora_state_dict: dict, adapter_metadata: dict | None) -> None:
-        """Write ``pytorch_lora_weights.safetensors`` in the format ``FluxPipeline.load_lora_weights`` reads."""
-        self.pipe.save_lora_weights(
-            directory, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=adapter_metadata
-        )
-
-    def lora_state_dict_for_transformer(self, directory: str) -> dict:
-        """Read a LoRA folder written by ``save_lora_weights`` back as a peft state dict of the transformer."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
-
-        state_dict = self.pipe.lora_state_dict(directory)
-        transformer_state = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
-        return convert_unet_state_dict_to_peft(transformer_state)
-
-
-_ADAPTERS = [FluxAdapter]
-
-
-def get_model_adapter(pipe):
-    """The adapter that drives ``pipe``; a clear error naming what is supported otherwise."""
-    for adapter_cls in _ADAPTERS:
-        if adapter_cls.supports(pipe):
-            return adapter_cls(pipe)
-    supported = ", ".join(f"{cls.name} (FluxPipeline)" for cls in _ADAPTERS)
-    raise TypeError(f"diffusers-srpo cannot drive a {type(pipe).__name__}; supported pipelines: {supported}")

@@ -17,6 +17,7 @@ would have drawn anyway and a resumed run stays exact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..atomic import move_into_place, staged_outputs
-from ..models import PromptEmbeds, get_model_adapter
+from ..models import TextConditioning, get_model_adapter
 from ..prompts import load_prompts
 from .checkpoints import (
     CHECKPOINT_PREFIX,
@@ -79,6 +80,31 @@ def _mix_seed(*parts: int) -> int:
     return value & 0x7FFFFFFFFFFFFFFF
 
 
+def with_model_defaults(config: TrainerConfig, adapter) -> TrainerConfig:
+    """``config`` with the settings it leaves to the model (``None``) taken from the model family's adapter: the
+    prompt length, the schedule's shift, the guidance of the rollout and of Direct-Align's training forward, the
+    negative prompt. A
+    negative prompt given to a model without classifier-free guidance is refused (it would do nothing)."""
+    if config.negative_prompt is not None and adapter.guidance_kind != "cfg":
+        raise ValueError(
+            f"negative_prompt is for classifier-free guidance; {adapter.pipeline_class_name} ({adapter.name}) uses "
+            "distilled guidance: leave it unset"
+        )
+    defaults = {
+        "max_sequence_length": adapter.default_max_sequence_length,
+        "direct_align_shift": adapter.default_direct_align_shift,
+        "rollout_guidance": adapter.default_rollout_guidance,
+        "train_guidance": adapter.default_train_guidance,
+        "negative_prompt": adapter.negative_prompt,
+    }
+    unset = {
+        name: value
+        for name, value in defaults.items()
+        if value is not None and hasattr(config, name) and getattr(config, name) is None
+    }
+    return dataclasses.replace(config, **unset) if unset else config
+
+
 class BaseTrainer:
     """Owns the accelerate setup and the loop; subclasses define ``training_step``."""
 
@@ -93,7 +119,8 @@ class BaseTrainer:
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(self.config).__name__}")
         # Cheap checks first: nothing expensive runs and nothing is written before they pass.
-        self.adapter = get_model_adapter(pipe)
+        self.adapter = get_model_adapter(pipe, negative_prompt=self.config.negative_prompt)
+        self.config = with_model_defaults(self.config, self.adapter)
         self.pipe = pipe
         size = self.config.resolution
         if size % self.adapter.size_multiple:
@@ -129,7 +156,7 @@ class BaseTrainer:
         self.skipped_updates = 0
         self.consecutive_skips = 0
         self._inactive_hinge_updates = 0
-        self.prompt_cache: dict[str, PromptEmbeds] = {}
+        self.prompt_cache: dict[str, TextConditioning] = {}
         self._trained = False
         self._lora_added = False
         self._adapters_found = bool(getattr(pipe.transformer, "peft_config", None))
@@ -189,7 +216,7 @@ class BaseTrainer:
 
     def scheduler_overrides(self) -> dict:
         """Settings of the ``DirectAlignScheduler`` built from the pipeline's scheduler config."""
-        return {"rollout_steps": self.config.rollout_steps}
+        return {"rollout_steps": self.config.rollout_steps, "direct_align_shift": self.config.direct_align_shift}
 
     def training_step(self, step: int) -> StepOutput:
         raise NotImplementedError
@@ -294,17 +321,16 @@ class BaseTrainer:
             batch = missing[start : start + chunk]
             embeds = self.adapter.encode_prompts(batch, device, self.config.max_sequence_length)
             for i, prompt in enumerate(batch):
-                self.prompt_cache[prompt] = PromptEmbeds(
-                    embeds.prompt_embeds[i : i + 1].cpu(), embeds.pooled_prompt_embeds[i : i + 1].cpu(), embeds.text_ids.cpu()
-                )
+                self.prompt_cache[prompt] = embeds.select(i).to("cpu")
         if device.type != "cpu":
             for encoder in encoders:
                 encoder.to("cpu")
 
-    def text_for(self, prompts: list[str]) -> PromptEmbeds:
+    def text_for(self, prompts: list[str]) -> TextConditioning:
         """The cached text conditioning of ``prompts`` on the training device (encoding any new prompt first)."""
         self.cache_prompt_embeddings(prompts)
-        return PromptEmbeds.cat([self.prompt_cache[p] for p in prompts]).to(self.accelerator.device, self.weight_dtype)
+        cached = [self.prompt_cache[p] for p in prompts]
+        return type(cached[0]).cat(cached).to(self.accelerator.device, self.weight_dtype)
 
     # ----------------------------------------------------------------------------------- data order and seeds
     def indices_for_step(self, step: int) -> list[int]:
@@ -323,7 +349,7 @@ class BaseTrainer:
         rank = self.accelerator.process_index if per_process else -1
         return torch.Generator().manual_seed(_mix_seed(self.config.seed, step, stream, rank))
 
-    def step_prompts(self, step: int) -> tuple[list[str], PromptEmbeds]:
+    def step_prompts(self, step: int) -> tuple[list[str], TextConditioning]:
         """This process's prompts of an update and their text conditioning."""
         prompts = [self.prompts[i] for i in self.indices_for_step(step)]
         return prompts, self.text_for(prompts)
@@ -336,14 +362,14 @@ class BaseTrainer:
 
     # ----------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample_latents(self, noise: torch.Tensor, text: PromptEmbeds, sigmas: torch.Tensor, guidance: float) -> torch.Tensor:
+    def sample_latents(self, noise: torch.Tensor, text: TextConditioning, sigmas: torch.Tensor, guidance: float) -> torch.Tensor:
         """Euler integration of the flow ODE along ``sigmas`` with the current model, no gradient."""
         latents = noise
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
             latents = self.euler_step(latents, sigma, sigma_next, text, guidance)
         return latents
 
-    def euler_step(self, latents: torch.Tensor, sigma, sigma_next, text: PromptEmbeds, guidance: float) -> torch.Tensor:
+    def euler_step(self, latents: torch.Tensor, sigma, sigma_next, text: TextConditioning, guidance: float) -> torch.Tensor:
         """One Euler step ``x + (sigma_next - sigma) * v`` of the current model (with gradient where enabled)."""
         size = self.config.resolution
         # Through the prepared model: under FSDP only the wrapper holds whole parameters.
@@ -485,6 +511,7 @@ class BaseTrainer:
     def model_card(self) -> str:
         base_model = getattr(self.pipe, "name_or_path", None) or self.pipe.config.get("_name_or_path") or "unknown"
         kind = "LoRA" if self.config.use_lora else "full fine-tune"
+        pipeline = self.adapter.pipeline_class_name
         details = {"base model": base_model, "method": self.method_name, "trained": kind, **self.model_card_details()}
         details["updates"] = str(self.global_step)
         if self.skipped_updates:
@@ -503,9 +530,11 @@ class BaseTrainer:
             "## Use",
             "",
             "```python",
-            "from diffusers import FluxPipeline",
-            f'pipe = FluxPipeline.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
-            'pipe.load_lora_weights("path/to/this/folder")' if self.config.use_lora else "# load transformer/ with FluxTransformer2DModel.from_pretrained",
+            f"from diffusers import {pipeline}",
+            f'pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
+            'pipe.load_lora_weights("path/to/this/folder")'
+            if self.config.use_lora
+            else f"# load transformer/ with {type(self.adapter.transformer).__name__}.from_pretrained",
             "```",
             "",
             "## Settings",

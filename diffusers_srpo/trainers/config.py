@@ -93,7 +93,10 @@ class TrainerConfig:
         default=None,
         metadata=_help("Training prompts: a .txt file (one a line) or a .jsonl file (a 'prompt' or 'text' field a line)."),
     )
-    max_sequence_length: int = field(default=512, metadata=_help("Token length of the T5 prompt encoding."))
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata=_help("Token length of the prompt encoding; default the model's (FLUX 512, SD3 256, Qwen-Image 1024)."),
+    )
 
     # Optimisation
     max_train_steps: int = field(
@@ -141,9 +144,25 @@ class TrainerConfig:
     # Sampling
     resolution: int = field(default=720, metadata=_help("Training image height and width in pixels."))
     rollout_steps: int = field(default=25, metadata=_help("Euler steps of the online rollout that makes x0."))
-    rollout_guidance: float = field(
-        default=1.0,
-        metadata=_help("FLUX distilled guidance during the rollout (and in every sampler step a method trains)."),
+    direct_align_shift: float | None = field(
+        default=None,
+        metadata=_help(
+            "Static shift s(t) = shift t / (1 + (shift - 1) t) of the rollout schedule and of Direct-Align's training "
+            "grid. Default the model's: 3 (the reference's FLUX recipe; SD3, FLUX.2), 1, no shift, for Qwen-Image (the "
+            "reference's Qwen recipe)."
+        ),
+    )
+    rollout_guidance: float | None = field(
+        default=None,
+        metadata=_help(
+            "Guidance of the rollout (and of every sampler step a method trains): the distilled guidance of FLUX.1 "
+            "and FLUX.2 dev, the classifier-free guidance scale of SD3, Qwen-Image and FLUX.2 klein (1: none). "
+            "Default the model's: FLUX.1 1.0 (the reference), FLUX.2 1.0, SD3 4.5, Qwen-Image 4.0 (the reference)."
+        ),
+    )
+    negative_prompt: str | None = field(
+        default=None,
+        metadata=_help("Negative prompt of classifier-free guidance (models without distilled guidance); default ''."),
     )
     reward_template: str = field(
         default="{prompt}",
@@ -189,9 +208,10 @@ class TrainerConfig:
             "lora_rank": self.lora_rank,
             "resolution": self.resolution,
             "rollout_steps": self.rollout_steps,
-            "max_sequence_length": self.max_sequence_length,
             "max_consecutive_skips": self.max_consecutive_skips,
         }
+        if self.max_sequence_length is not None:
+            positive["max_sequence_length"] = self.max_sequence_length
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -205,6 +225,8 @@ class TrainerConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.learning_rate is None:
             self.learning_rate = 1e-4 if self.use_lora else 5e-6
+        if self.direct_align_shift is not None and not self.direct_align_shift > 0:
+            raise ValueError(f"direct_align_shift must be > 0, got {self.direct_align_shift!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -277,7 +299,13 @@ class SRPOConfig(RewardLossConfig):
     method: str = field(
         default="srpo", metadata=_help("'srpo' (SRP reward) or 'direct-align' (the plain reward, no SRP).")
     )
-    train_guidance: float = field(default=3.5, metadata=_help("FLUX distilled guidance in Direct-Align's training forward."))
+    train_guidance: float | None = field(
+        default=None,
+        metadata=_help(
+            "Guidance of Direct-Align's training forward (as rollout_guidance). Default the model's: FLUX.1 3.5 (the "
+            "reference), FLUX.2 4.0; 1.0, no classifier-free guidance, for SD3 and Qwen-Image (the Qwen reference)."
+        ),
+    )
     train_window_start: int = field(
         default=5, metadata=_help("First index of the training window on the 50-step training grid (0 is pure noise).")
     )

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from ..flow_sde import dpo_log_ratio, flow_sde_transition
-from ..models import PromptEmbeds
 from .base import BaseTrainer, StepOutput
 from .config import TailorPOConfig
 
@@ -174,7 +173,7 @@ class TailorPOTrainer(BaseTrainer):
         """A TailorPO trajectory from ``noise``: the pairs of the ``trained_steps`` and the final latents."""
         config, sigmas = self.config, self.rollout_sigmas
         ranked = set(config.ranked_steps())
-        doubled_text = PromptEmbeds.cat([text, text])
+        doubled_text = type(text).cat([text, text])
         batch = len(prompts)
         latents, velocity = noise.float(), None
         pairs, gaps, ties = [], [], 0
@@ -225,7 +224,7 @@ class TailorPOTrainer(BaseTrainer):
         ``trained_steps`` and the final rewards ``[2B]`` (first trajectory first)."""
         config, sigmas = self.config, self.rollout_sigmas
         ranked = set(config.ranked_steps())
-        doubled_text = PromptEmbeds.cat([text, text])
+        doubled_text = type(text).cat([text, text])
         latents = torch.cat([noise, noise]).float()
         steps = []
         for index in range(len(sigmas) - 1):
@@ -257,7 +256,7 @@ class TailorPOTrainer(BaseTrainer):
         """The DPO loss of one trained step, with gradient through one transformer forward."""
         config = self.config
         trajectory_level = pair.first_preferred is not None
-        inputs_text = PromptEmbeds.cat([text, text]) if trajectory_level else text
+        inputs_text = type(text).cat([text, text]) if trajectory_level else text
         velocity = self.velocity(self.model, pair.state, pair.sigma, inputs_text)
         policy_mean = self.transition(pair.state, velocity, pair.sigma, pair.sigma_next).mean
         if trajectory_level:
