@@ -48,7 +48,7 @@ def trainer_config(args, output_dir: str):
 
 def simulate_point(args) -> dict:
     """One update of one configuration, simulated; the JSON object described in the module docstring."""
-    from diffusers_srpo.simulation import simulate_update, simulated_tensors
+    from diffusers_srpo.simulation import simulate_update, simulated_tensors, simulated_trainer
     from diffusers_srpo.trainers import trainer_class_for
 
     started = time.perf_counter()
@@ -56,7 +56,7 @@ def simulate_point(args) -> dict:
         config = trainer_config(args, output_dir)  # checked before anything is built
         pipe = build_pipeline(args.model, dtype=torch.bfloat16)
         reward = build_reward(args.model, dtype=DTYPES[args.reward_dtype])
-        trainer = trainer_class_for(config.method)(pipe, reward=reward, prompts=PROMPTS, config=config)
+        trainer = simulated_trainer(trainer_class_for(config.method), pipe, reward=reward, prompts=PROMPTS, config=config)
         cost = simulate_update(trainer)
     peak_gib = cost.peak_bytes / GIB
     return {

@@ -94,7 +94,8 @@ class SampleArguments:
         ),
     )
     negative_prompt: str | None = field(
-        default=None, metadata=_help("Negative prompt of classifier-free guidance; default ''.")
+        default=None,
+        metadata=_help("Negative prompt of classifier-free guidance (SD3, Qwen-Image, FLUX.2 klein); default ''."),
     )
     height: int = field(default=1024, metadata=_help("Image height in pixels."))
     width: int = field(default=1024, metadata=_help("Image width in pixels."))
@@ -164,9 +165,11 @@ def _checked_device(device: str | None) -> str:
     return name
 
 
-def _check_model_source(name: str, option: str, *, transformer_folder_ok: bool = False) -> None:
+def _check_model_source(name: str, option: str, *, transformer_folder_ok: bool = False, negative_prompt=None):
     """A local pipeline folder (``model_index.json``, of a supported pipeline class; or a transformer folder with
-    ``config.json`` where ``transformer_folder_ok``) or a hub id ``owner/name``; checked before anything is loaded."""
+    ``config.json`` where ``transformer_folder_ok``) or a hub id ``owner/name``; checked before anything is loaded.
+    A ``negative_prompt`` for a local pipeline without classifier-free guidance is refused here too (a hub id's
+    family is known once it has loaded)."""
     from .models import adapter_class_for_pipeline, supported_pipelines
     from .rewards.checkpoints import looks_like_hub_id
 
@@ -181,8 +184,16 @@ def _check_model_source(name: str, option: str, *, transformer_folder_ok: bool =
                     class_name = json.load(f).get("_class_name")
             except (OSError, ValueError, AttributeError):
                 raise UsageError(f"{option} {name!r}: model_index.json is not a readable JSON object") from None
-            if adapter_class_for_pipeline(class_name) is None:
+            if class_name is None:
+                raise UsageError(f"{option} {name!r}: model_index.json names no pipeline class (_class_name)")
+            family = adapter_class_for_pipeline(class_name)
+            if family is None:
                 raise UsageError(f"{option} {name!r} is a {class_name}; supported pipelines: {supported_pipelines()}")
+            if negative_prompt is not None and family.guidance_kind != "cfg":
+                raise UsageError(
+                    f"--negative_prompt is for classifier-free guidance; {option} {name!r} is a {class_name}, which "
+                    "uses distilled guidance"
+                )
     elif os.path.exists(name):
         raise UsageError(f"{option} {name!r} is a file; expected a diffusers model folder or a hub id 'owner/name'")
     elif not looks_like_hub_id(name):
@@ -298,7 +309,7 @@ def _train(args: argparse.Namespace) -> int:
         )
         trainer_class.check_files(config)
         check_reward_spec(run.reward)
-        _check_model_source(run.model, "--model")
+        _check_model_source(run.model, "--model", negative_prompt=config.negative_prompt)
     except (TypeError, ValueError, OSError) as error:
         raise UsageError(str(error)) from None
 
@@ -378,7 +389,7 @@ def _sample(args: argparse.Namespace) -> int:
         check_output_dir(options.output_dir, allow_existing=True, remedy="")
     except OSError as error:
         raise UsageError(str(error)) from None
-    _check_model_source(options.model, "--model")
+    _check_model_source(options.model, "--model", negative_prompt=options.negative_prompt)
 
     try:
         pipe = DiffusionPipeline.from_pretrained(options.model, torch_dtype=dtype).to(device)

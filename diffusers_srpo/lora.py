@@ -1,4 +1,5 @@
-"""Turn a fully fine-tuned FLUX transformer into a LoRA: truncated SVD of the weight differences.
+"""Turn a fully fine-tuned transformer (FLUX, FLUX.2, Qwen-Image, SD3) into a LoRA: truncated SVD of the weight
+differences.
 
 SRPO's official release (and any full fine-tune) ships the whole transformer. A LoRA of the change is
 a fraction of the size and can be stacked, scaled and unloaded with the stock diffusers API. For every
@@ -235,7 +236,7 @@ def _check_state_dict_matches(
         raise ValueError(
             f"{source}: keys do not match the base transformer's: {len(missing)} missing "
             f"{missing[:_KEYS_SHOWN]}, {len(unexpected)} unexpected {unexpected[:_KEYS_SHOWN]} "
-            "(expected a diffusers-format FluxTransformer2DModel state dict)"
+            "(expected the diffusers-format state dict of the base transformer's class)"
         )
     mismatched = [
         f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}"

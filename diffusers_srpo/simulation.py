@@ -1,10 +1,11 @@
 """Memory and FLOPs of one training update at any model size, without the memory: the trainer's own update, run on
 fake tensors.
 
-Build the pipeline, the reward and the trainer inside :func:`simulated_tensors`, then :func:`simulate_update`
-runs one update of the trainer (its ``training_step``, the backward passes and the optimizer step: the code path
-of ``train()``) under a memory tracker (:class:`LiveBytes`) and a FLOP counter (:class:`UpdateFlopCounter`). A fake tensor has a
-shape, a dtype and a device but no data, so a 12B model costs no memory and an update takes seconds of Python.
+Build the pipeline and the reward inside :func:`simulated_tensors`, the trainer with :func:`simulated_trainer`, then
+:func:`simulate_update` runs one update of the trainer (its ``training_step``, the backward passes and the optimizer
+step: the code path of ``train()``) under a memory tracker (:class:`LiveBytes`) and a FLOP counter
+(:class:`UpdateFlopCounter`). A fake tensor has a shape, a dtype and a device but no data, so a 12B model costs no
+memory and an update takes seconds of Python.
 
 Two things make the trainer run unchanged on fake tensors:
 
@@ -38,12 +39,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["REAL_NUMEL_LIMIT", "LiveBytes", "RepeatedCallReplay", "UpdateCost", "UpdateFlopCounter", "base_parameter_count", "prepare_steady_update", "simulate_update", "simulated_tensors"]
+__all__ = ["REAL_NUMEL_LIMIT", "LiveBytes", "RepeatedCallReplay", "UpdateCost", "UpdateFlopCounter", "base_parameter_count", "prepare_steady_update", "simulate_update", "simulated_tensors", "simulated_trainer"]
 
 #: Factories of at most this many elements run for real inside :func:`simulated_tensors` (noise, ids, schedules).
 REAL_NUMEL_LIMIT = 2**24
@@ -111,18 +113,14 @@ def simulated_tensors() -> Iterator[FakeTensorMode]:
         yield fake_mode
 
 
-def _simulation_mode() -> _RealWhereNoWeightTouched | None:
+@contextlib.contextmanager
+def _real_factories(enabled: bool = True) -> Iterator[None]:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     modes = [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, _RealWhereNoWeightTouched)]
-    return modes[-1] if modes else None
-
-
-@contextlib.contextmanager
-def _real_factories(enabled: bool = True) -> Iterator[None]:
-    mode = _simulation_mode()
-    if mode is None:
-        raise RuntimeError("simulate_update runs inside simulated_tensors(), where the trainer was built")
+    if not modes:
+        raise RuntimeError("the trainer is simulated inside simulated_tensors(), where its models were built")
+    mode = modes[-1]
     previous, mode.real_factories = mode.real_factories, enabled
     try:
         yield
@@ -198,22 +196,23 @@ class _RecordedCall:
     output_leaves: tuple
 
 
+
 class RepeatedCallReplay:
     """Simulates each distinct no-grad call of ``module`` once and replays its repeats: the same FLOPs, the same rise
     of the memory above the level it starts from, and fresh fake outputs of the same shapes.
 
-    On fake tensors the cost of a call depends only on what the key holds: the inputs' shapes, strides, dtypes,
-    devices and ``requires_grad``, every other argument's value, the module's train/eval modes, the state of its
-    LoRA layers (disabled, active adapters, merged) and autocast. A rollout's steps differ only in the values of
-    their inputs, so its first step is simulated and the others replayed, which keeps a full-size update to seconds
-    of Python per rollout instead of a minute. The simulator's tests hold the replayed update to the one simulated
-    call by call, number for number. A call with gradient is always simulated (autograd needs its graph), and so is
-    one whose outputs cannot be replayed exactly (a real tensor, a view, one that requires grad).
+    The key of a call: its tensors' shapes, strides, dtypes, devices and ``requires_grad`` (not their values, real
+    ones included: in every supported family a call's cost follows from its inputs' shapes), every other argument's
+    value, the module's train/eval modes, the state of its LoRA layers (disabled, active adapters, merged) and
+    autocast. A rollout's steps differ only in the values of their inputs, so its first step is simulated and the
+    others replayed, which keeps a full-size update to seconds of Python per rollout instead of a minute. The
+    simulator's tests hold the replayed update to the one simulated call by call, number for number. A call with
+    gradient is always simulated (autograd needs its graph), and so is one whose outputs cannot be replayed exactly
+    (a real tensor, a view, one that requires grad). What the first call leaves behind besides its outputs is taken
+    for a cache its repeats find filled (autocast's weight copies, rotary tables), not made again.
     """
 
     def __init__(self, module: torch.nn.Module, memory: LiveBytes, flops: UpdateFlopCounter):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         self.module, self.memory, self.flops = module, memory, flops
         self.submodules = list(module.modules())
         self.lora_layers = [layer for layer in self.submodules if isinstance(layer, BaseTunerLayer)]
@@ -257,14 +256,14 @@ class RepeatedCallReplay:
         if key in self.recorded and self.recorded[key] is not None:
             return self._replay(self.recorded[key])
         flops_before = self.flops.counts()
-        with self.memory.rise() as rise:
+        with self.memory.rise() as stretch:
             output = inner(*args, **kwargs)
         flops = {op: count - flops_before.get(op, 0) for op, count in self.flops.counts().items()}
-        self.recorded[key] = self._record(output, flops, rise)
+        self.recorded[key] = self._record(output, flops, stretch)
         return output
 
-    @staticmethod
-    def _record(output, flops: dict, rise: dict[str, int]) -> _RecordedCall | None:
+    def _record(self, output, flops: dict, stretch: Stretch) -> _RecordedCall | None:
+        """What a replay of this call needs, or ``None`` where its outputs cannot be made afresh."""
         leaves, spec = tree_flatten(output)
         recorded, storages = [], set()
         for leaf in leaves:
@@ -277,6 +276,11 @@ class RepeatedCallReplay:
                 return None
             storages.add(storage._cdata)
             recorded.append(_TensorMeta(tuple(leaf.shape), leaf.dtype, leaf.device))
+        # What the call made and left behind besides its outputs is a cache (autocast's copies of the weights in
+        # the compute dtype, rotary tables): a repeat finds it made and alive, so its rise leaves out the part of
+        # it that stood at the call's peak.
+        cached = self.memory.alive_from(stretch.first_allocation, stretch.peak_allocation, excluding=storages)
+        rise = {category: value - cached.get(category, 0) for category, value in stretch.rise.items()}
         return _RecordedCall(flops, rise, spec, tuple(recorded))
 
     def _replay(self, call: _RecordedCall):
@@ -305,6 +309,8 @@ class UpdateCost:
     trainable_params: int
     #: The tracker's categories at the peak (frozen weights, trained weights, gradients, optimizer state, ...).
     peak_by_category: dict[str, int] = field(default_factory=dict)
+    #: Transformer calls replayed rather than simulated (:class:`RepeatedCallReplay`).
+    replayed_calls: int = 0
 
     @property
     def flops(self) -> int:
@@ -354,24 +360,30 @@ class LiveBytes(TorchDispatchMode):
         self.current: dict[str, int] = {}
         self.peak_total = 0
         self.peak: dict[str, int] = {}
-        self._live: dict[int, tuple[str, int]] = {}
+        # Storage key -> (category, bytes, number of the allocation): storages are numbered as they are first seen.
+        self._live: dict[int, tuple[str, int, int]] = {}
+        self.allocations = 0
+        #: The number of the last allocation before the peak (of the current :meth:`rise` stretch, inside one).
+        self.peak_allocation = 0
 
     def track(self, tensor: torch.Tensor, category: str) -> None:
         """Count ``tensor``'s storage under ``category`` (moving it there if it is counted elsewhere)."""
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self._live:
-            old_category, size = self._live[key]
+            old_category, size, number = self._live[key]
             self.current[old_category] -= size
         else:
             size = storage.nbytes()
+            self.allocations += 1
+            number = self.allocations
             weakref.finalize(storage, self._free, key)
-        self._live[key] = (category, size)
+        self._live[key] = (category, size, number)
         self.current[category] = self.current.get(category, 0) + size
         self._update_peak()
 
     def _free(self, key: int) -> None:
-        category, size = self._live.pop(key)
+        category, size, _ = self._live.pop(key)
         self.current[category] -= size
 
     def _update_peak(self) -> None:
@@ -379,6 +391,7 @@ class LiveBytes(TorchDispatchMode):
         if total > self.peak_total:
             self.peak_total = total
             self.peak = dict(self.current)
+            self.peak_allocation = self.allocations
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -388,18 +401,28 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     @contextlib.contextmanager
-    def rise(self) -> Iterator[dict[str, int]]:
-        """Measure a stretch of the run: the yielded dict is filled, on exit, with how far each category stood above
-        its level at the start when the stretch peaked. The overall peak is kept as if nothing was measured."""
-        start, outer_total, outer_peak = dict(self.current), self.peak_total, self.peak
-        self.peak_total, self.peak = sum(start.values()), dict(start)
-        rise: dict[str, int] = {}
+    def rise(self) -> Iterator[Stretch]:
+        """Measure a stretch of the run (:class:`Stretch`, filled on exit). The overall peak is kept as if nothing
+        was measured."""
+        start, outer = dict(self.current), (self.peak_total, self.peak, self.peak_allocation)
+        self.peak_total, self.peak, self.peak_allocation = sum(start.values()), dict(start), self.allocations
+        stretch = Stretch(first_allocation=self.allocations + 1)
         try:
-            yield rise
+            yield stretch
         finally:
-            rise.update({key: value - start.get(key, 0) for key, value in self.peak.items()})
-            if outer_total >= self.peak_total:
-                self.peak_total, self.peak = outer_total, outer_peak
+            stretch.rise = {key: value - start.get(key, 0) for key, value in self.peak.items()}
+            stretch.peak_allocation = self.peak_allocation
+            if outer[0] >= self.peak_total:
+                self.peak_total, self.peak, self.peak_allocation = outer
+
+    def alive_from(self, first: int, last: int, excluding: set[int] = frozenset()) -> dict[str, int]:
+        """Bytes by category of the storages still alive among allocations ``first`` to ``last`` (and not in
+        ``excluding``, storage keys)."""
+        alive: dict[str, int] = {}
+        for key, (category, size, number) in self._live.items():
+            if first <= number <= last and key not in excluding:
+                alive[category] = alive.get(category, 0) + size
+        return alive
 
     def replay_rise(self, rise: dict[str, int]) -> None:
         """Count a stretch measured by :meth:`rise` as if it ran again from the current level."""
@@ -408,14 +431,33 @@ class LiveBytes(TorchDispatchMode):
             self.peak_total, self.peak = sum(at_peak.values()), at_peak
 
 
+@dataclass
+class Stretch:
+    """A stretch of the run measured by :meth:`LiveBytes.rise`: how far each category stood above its level at the
+    start when the stretch peaked, and the numbers of its first allocation and of the last one before its peak."""
+
+    first_allocation: int
+    rise: dict[str, int] = field(default_factory=dict)
+    peak_allocation: int = 0
+
+
+def simulated_trainer(trainer_class, pipe, **kwargs):
+    """``trainer_class(pipe, **kwargs)``, built inside :func:`simulated_tensors` for :func:`simulate_update`.
+
+    The trainer's setup encodes every prompt (the text encoders then leave the device), and that runs with the
+    update's real small factories: a text encoder built with real weights encodes for real (Qwen-Image's pipeline
+    selects the attended tokens by their mask, whose count a fake tensor cannot know). The LoRA's matrices, each far
+    below ``REAL_NUMEL_LIMIT`` elements, are then real too: they cost what fake ones would in the counts.
+    """
+    with _real_factories():
+        return trainer_class(pipe, **kwargs)
+
+
 def prepare_steady_update(trainer) -> None:
-    """Bring ``trainer`` to where an update of a running ``train()`` starts: the prompts encoded once (train() does
-    it before its first update, then sends the encoders away) and the optimizer state of the second update on
-    (AdamW makes its moments lazily on the first step). On fake weights the step costs nothing; on real ones it
-    moves nothing (zero gradients, and a simulated or measured update's weights are not kept)."""
-    # Simulated, a text encoder built with real weights encodes for real (Qwen-Image's selects tokens by its mask).
-    with _real_factories() if _simulation_mode() is not None else contextlib.nullcontext():
-        trainer.cache_prompt_embeddings(trainer.prompts)
+    """Bring ``trainer`` to where an update of a running ``train()`` starts: the optimizer state of the second update
+    on (AdamW makes its moments lazily on the first step; the prompts were encoded by the trainer's setup). On fake
+    weights the step costs nothing; on real ones it moves nothing (zero gradients, and a simulated or measured
+    update's weights are not kept)."""
     for parameter in trainer.trainable_parameters:
         parameter.grad = torch.zeros_like(parameter)
     trainer.optimizer.step()
@@ -459,9 +501,8 @@ def simulate_update(trainer, step: int = 0, replay_repeated_calls: bool = True) 
 
     trainer.training_step = counted_training_step
     try:
-        with _real_factories(), flop_counter, memory, contextlib.ExitStack() as replay:
-            if replay_repeated_calls:
-                replay.enter_context(RepeatedCallReplay(transformer, memory, flop_counter))
+        replayer = RepeatedCallReplay(transformer, memory, flop_counter)
+        with _real_factories(), flop_counter, memory, replayer if replay_repeated_calls else contextlib.nullcontext():
             trainer._run_update(step, StopRequest())
     finally:
         del trainer.training_step  # the class's own method again
@@ -475,4 +516,5 @@ def simulate_update(trainer, step: int = 0, replay_repeated_calls: bool = True) 
         transformer_params=base_parameter_count(transformer),
         trainable_params=sum(p.numel() for p in trainer.trainable_parameters),
         peak_by_category=memory.peak,
+        replayed_calls=replayer.replayed,
     )

@@ -351,3 +351,17 @@ def test_an_unsupported_pipeline_is_one_line_naming_the_supported_ones(tmp_path,
         assert len(lines) == 1 and "is a StableDiffusionXLPipeline; supported pipelines: FluxPipeline (flux)" in lines[0]
         assert "QwenImagePipeline (qwen-image)" in lines[0] and "StableDiffusion3Pipeline (sd3)" in lines[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "samples").exists()
+
+
+def test_a_negative_prompt_for_a_distilled_guidance_pipeline_is_one_line_before_loading(world, tmp_path, capsys):
+    for argv in (
+        ["train", "--model", str(world / "flux"), "--prompt_file", str(world / "prompts.txt"), "--output_dir",
+         str(tmp_path / "out"), "--negative_prompt", "blurry"],
+        ["sample", "--model", str(world / "flux"), "--prompt", "a red circle", "--negative_prompt", "blurry",
+         "--output_dir", str(tmp_path / "samples")],
+    ):  # fmt: skip
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "--negative_prompt is for classifier-free guidance" in lines[0]
+        assert "is a FluxPipeline, which uses distilled guidance" in lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "samples").exists()

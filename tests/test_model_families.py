@@ -1,6 +1,6 @@
 """Every supported pipeline family through the trainers: each method trains what it should and nothing else, the
-LoRA loads with the family's STOCK pipeline in a fresh process and reproduces the trainer's images, resume is exact,
-two processes train the same weights. (Each family's sampler parity and adapter details: tests/test_model_<family>.py;
+LoRA loads with the family's STOCK pipeline in a fresh process and samples as the trained pipeline does, resume is
+exact, two processes train the same weights, settings a family cannot take are refused in one line. (Each family's sampler parity and adapter details: tests/test_model_<family>.py;
 FLUX.1's trainers are covered in depth by the trainer tests.)"""
 
 import json
@@ -18,19 +18,12 @@ from diffusers_srpo.models import get_model_adapter
 from diffusers_srpo.testing import TINY_PIPELINES, tiny_clip_reward, tiny_trainer_config
 from diffusers_srpo.trainers import trainer_class_for
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from scale_models import METHOD_VARIANTS  # noqa: E402  (the benchmarks' names of every method's variants)
+
 #: The families beside FLUX.1.
 FAMILIES = [family for family in TINY_PIPELINES if family != "flux"]
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-METHOD_VARIANTS = {
-    "srpo": ("srpo", {}),
-    "direct-align": ("direct-align", {}),
-    "refl": ("refl", {}),
-    "draft-1": ("draft", {"draft_k": 1}),
-    "draft-full": ("draft", {"draft_k": 0}),
-    "tailorpo": ("tailorpo", {}),
-    "tailorpo-g": ("tailorpo-g", {}),
-    "trajectory-dpo": ("trajectory-dpo", {}),
-}
 
 
 @pytest.fixture(autouse=True)
@@ -197,3 +190,16 @@ def test_two_processes_train_identical_loras(family, tmp_path):
     weights = [torch.load(out / f"lora-{r}.pt") for r in (0, 1)]
     assert any(v.abs().max() > 0 for k, v in weights[0].items() if "lora_B" in k), "nothing trained"
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_negative_prompt_or_guidance_a_family_cannot_take_is_refused_before_training(tmp_path):
+    from diffusers_srpo.testing import tiny_flux2_klein_pipeline, tiny_flux_pipeline
+
+    with pytest.raises(ValueError, match=r"^negative_prompt is for classifier-free guidance; FluxPipeline \(flux\)"):
+        make_trainer("flux", "srpo", tmp_path / "flux", pipe=tiny_flux_pipeline(), negative_prompt="blurry")
+    distilled = tiny_flux2_klein_pipeline()
+    distilled.register_to_config(is_distilled=True)
+    with pytest.raises(ValueError, match="step-distilled .* got guidance 2.0; use 1"):
+        make_trainer("flux2-klein", "srpo", tmp_path / "klein", pipe=distilled)
+    assert not (tmp_path / "flux").exists() and not (tmp_path / "klein").exists()
+

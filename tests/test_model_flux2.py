@@ -100,8 +100,7 @@ def stock_call(pipe, adapter, guidance, **kwargs):
         num_inference_steps=STEPS,
         output_type="pt",
         callback_on_step_end=catch,
-        **adapter.pipeline_call_kwargs(guidance, MAX_LEN),
-        **kwargs,
+        **{**adapter.pipeline_call_kwargs(guidance, MAX_LEN), **kwargs},
     ).images
     return images, caught["latents"]
 
@@ -140,6 +139,8 @@ def test_rollout_reproduces_the_stock_pipeline(pipes, family, guidance, other_gu
     else:  # a step-distilled Klein: the stock __call__ ignores a guidance_scale (with a warning), as one forward
         _, ignored = stock_call(pipe, adapter, None, latents=adapter.unpack(noise, SIZE, SIZE), guidance_scale=4.0)
         assert (latents - ignored).abs().max() <= ATOL
+        # Unset, the guidance the adapter gives the stock call is 1, not the pipeline's ignored default.
+        assert adapter.pipeline_call_kwargs(None, MAX_LEN)["guidance_scale"] == 1.0
 
 
 def test_noise_is_drawn_as_the_pipeline_draws_it(flux2):
@@ -403,7 +404,7 @@ def test_simulated_srpo_update_at_flux2_dev_width(tmp_path, fresh_accelerate_sta
     """The scale simulator runs the adapter on fake tensors (one double and one single block at FLUX.2-dev's width,
     256x256): the reward's gradient reaches every LoRA weight. About 10 s."""
     from diffusers_srpo import SRPOTrainer
-    from diffusers_srpo.simulation import simulate_update, simulated_tensors
+    from diffusers_srpo.simulation import simulate_update, simulated_tensors, simulated_trainer
     from diffusers_srpo.testing import tiny_clip_reward, tiny_trainer_config
 
     with simulated_tensors():
@@ -411,7 +412,7 @@ def test_simulated_srpo_update_at_flux2_dev_width(tmp_path, fresh_accelerate_sta
         config = tiny_trainer_config(
             "srpo", tmp_path / "run", resolution=256, max_sequence_length=MAX_LEN, mixed_precision="bf16", lora_rank=8
         )
-        trainer = SRPOTrainer(pipe, reward=tiny_clip_reward(seed=0), prompts=PROMPTS, config=config)
+        trainer = simulated_trainer(SRPOTrainer, pipe, reward=tiny_clip_reward(seed=0), prompts=PROMPTS, config=config)
         cost = simulate_update(trainer)
     # Rank 8 on to_q, to_k, to_v, to_out.0 (6144 -> 6144), to_qkv_mlp_proj (6144 -> 3 x 6144 + 2 x 18432) and the
     # single block's to_out (6144 + 18432 -> 6144).

@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 import torch
+from stock_parity import euler_rollout, stock_call
 
 from diffusers_srpo.models import SD3Adapter, get_model_adapter
 from diffusers_srpo.models.sd3 import SD3Conditioning
@@ -44,25 +45,11 @@ def noise_for(adapter, batch_size=2, seed=0, size=SIZE):
 
 
 def stock(pipe, adapter, noise, guidance, output_type="latent", steps=STEPS, size=SIZE):
-    return pipe(
-        PROMPTS,
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        latents=noise.clone(),
-        output_type=output_type,
-        **adapter.pipeline_call_kwargs(guidance, MAX_LEN),
-    ).images
+    return stock_call(pipe, adapter, noise, guidance, PROMPTS, size, steps, MAX_LEN, output_type)
 
 
-@torch.no_grad()
 def adapter_rollout(adapter, noise, text, guidance, sigma_scale=1.0):
-    sigmas = adapter.stock_sigmas(STEPS, SIZE, SIZE)
-    x = noise
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        v = adapter.predict_velocity(adapter.transformer, x, sigma * sigma_scale, text, guidance, SIZE, SIZE)
-        x = x + (sigma_next - sigma) * v
-    return x
+    return euler_rollout(adapter, noise, text, guidance, SIZE, STEPS, sigma_scale)
 
 
 @torch.no_grad()
@@ -97,7 +84,6 @@ def test_adapter_settings():
     assert SD3Adapter.name == "sd3" and SD3Adapter.guidance_kind == "cfg"
     assert (SD3Adapter.default_rollout_guidance, SD3Adapter.default_train_guidance) == (4.5, 1.0)
     assert SD3Adapter.default_negative_prompt == "" and SD3Adapter.default_max_sequence_length == 256
-    assert SD3Adapter.transformer_block_class_names == ("JointTransformerBlock",)
 
 
 @pytest.mark.parametrize("guidance", [4.5, 1.0])

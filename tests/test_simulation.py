@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ from diffusers_srpo.simulation import (
     UpdateFlopCounter,
     simulate_update,
     simulated_tensors,
+    simulated_trainer,
 )
 from diffusers_srpo.testing import FLUX_DEV_TRANSFORMER_CONFIG
 
@@ -175,12 +177,16 @@ def test_simulated_update_is_the_same_with_replayed_rollout_steps(tmp_path, fres
             trainer = _trainer("tiny", str(tmp_path / str(replay)), 32, 4, 1, method=method)
             costs.append(simulate_update(trainer, replay_repeated_calls=replay))
     simulated, replayed = costs
+    # The rollout's no-grad calls after the ones recorded are replayed (TailorPO's trajectory and reference calls
+    # too), and nothing without replay.
+    assert simulated.replayed_calls == 0 and replayed.replayed_calls == {"srpo": 2, "draft-1": 1, "tailorpo": 4}[method]
     assert (replayed.peak_bytes, replayed.peak_by_category) == (simulated.peak_bytes, simulated.peak_by_category)
     assert (replayed.sampling_flops, replayed.gradient_flops) == (simulated.sampling_flops, simulated.gradient_flops)
     assert simulated.sampling_flops > 0
 
 
-def _trainer(name: str, output_dir: str, resolution: int, rollout_steps: int, checkpointing: int, method: str = "srpo"):
+def _trainer(name: str, output_dir: str, resolution: int, rollout_steps: int, checkpointing: int, method: str = "srpo", *, simulated: bool = True):
+    """The benchmark point's trainer: to simulate (inside ``simulated_tensors()``) or, ``simulated=False``, to measure."""
     from diffusers_srpo.trainers import trainer_class_for
 
     args = bench_scale.parse_args(
@@ -190,7 +196,9 @@ def _trainer(name: str, output_dir: str, resolution: int, rollout_steps: int, ch
     config = bench_scale.trainer_config(args, output_dir)
     pipe = scale_models.build_pipeline(name, dtype=torch.bfloat16)
     reward = scale_models.build_reward(name)
-    return trainer_class_for(config.method)(pipe, reward=reward, prompts=bench_scale.PROMPTS, config=config)
+    trainer_class = trainer_class_for(config.method)
+    build = functools.partial(simulated_trainer, trainer_class) if simulated else trainer_class
+    return build(pipe, reward=reward, prompts=bench_scale.PROMPTS, config=config)
 
 
 def _measured_peak(trainer) -> tuple[int, int, int]:
@@ -254,7 +262,7 @@ def test_simulated_peak_matches_the_measured_peak_of_a_small_model(tmp_path, fre
     with simulated_tensors():
         simulated = simulate_update(_trainer("flux-37m", str(tmp_path / "fake"), resolution, rollout_steps, checkpointing))
     torch.manual_seed(0)
-    trainer = _trainer("flux-37m", str(tmp_path / "real"), resolution, rollout_steps, checkpointing)
+    trainer = _trainer("flux-37m", str(tmp_path / "real"), resolution, rollout_steps, checkpointing, simulated=False)
     before, measured, workspace = _measured_peak(trainer)
     print(f"simulated peak {simulated.peak_bytes / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB "
           f"(before the update {before / 2**20:.1f} MiB, largest kernel workspace {workspace / 2**20:.1f} MiB)")  # fmt: skip

@@ -77,8 +77,6 @@ class ModelAdapter:
     #: The transformer's modules a LoRA targets by default: those of diffusers' own LoRA training example (a property
     #: where the list depends on the model's depth, as FLUX.2's does).
     lora_target_modules: ClassVar[tuple[str, ...]]
-    #: The transformer's block classes, by name: the units of activation checkpointing and sharding.
-    transformer_block_class_names: ClassVar[tuple[str, ...]]
     #: ``"distilled"`` (guidance is an input of the transformer) or ``"cfg"`` (classifier-free guidance).
     guidance_kind: ClassVar[str]
     #: The trainers' defaults for this family, where its config leaves them unset: the rollout's guidance, the
@@ -107,6 +105,9 @@ class ModelAdapter:
     def pipeline_class_name(self) -> str:
         """The stock class that loads this family's LoRA (``FluxPipeline``, ...)."""
         return self.pipeline_class_names[0]
+
+    def check_guidance(self, guidance: float) -> None:
+        """Refuse a guidance the model cannot sample with (one clear ``ValueError``); any is fine by default."""
 
     def pipeline_call_kwargs(self, guidance: float | None, max_sequence_length: int | None) -> dict:
         """The keyword arguments of the stock pipeline's ``__call__`` that sample as :meth:`predict_velocity` does

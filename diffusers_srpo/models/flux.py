@@ -41,7 +41,6 @@ class FluxAdapter(PackedLatents, ModelAdapter):
     pipeline_class_names = ("FluxPipeline",)
     transformer_class_names = ("FluxTransformer2DModel",)
     lora_target_modules = FLUX_LORA_TARGET_MODULES
-    transformer_block_class_names = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     guidance_kind = "distilled"
     # SPEC: distilled guidance 1.0 in the rollout, 3.5 in Direct-Align's training forward.
     default_rollout_guidance = 1.0

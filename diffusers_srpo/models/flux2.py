@@ -41,7 +41,6 @@ class Flux2Adapter(ModelAdapter):
     name = "flux2"
     pipeline_class_names = ("Flux2Pipeline",)
     transformer_class_names = ("Flux2Transformer2DModel",)
-    transformer_block_class_names = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
     guidance_kind = "distilled"
     # No SRPO recipe for FLUX.2 exists. By analogy with FLUX.1 (SPEC: distilled guidance 1.0 in the rollout, 3.5 in
     # the training forward, which is FluxPipeline's default guidance_scale), the rollout samples with 1.0 and the
@@ -219,7 +218,8 @@ class Flux2KleinAdapter(Flux2Adapter):
         """``guidance_scale`` (and the prompt length); the stock ``__call__`` always takes the empty negative prompt,
         so another one is refused."""
         if self.is_distilled:
-            self._check_no_guidance(guidance or 1.0)
+            guidance = 1.0 if guidance is None else guidance  # the stock default (4.0) would only be warned about
+            self.check_guidance(guidance)
             return super().pipeline_call_kwargs(guidance, max_sequence_length)
         if self.negative_prompt != "":
             raise ValueError(
@@ -229,8 +229,8 @@ class Flux2KleinAdapter(Flux2Adapter):
         settings = {"guidance_scale": guidance, "max_sequence_length": max_sequence_length}
         return {key: value for key, value in settings.items() if value is not None}
 
-    def _check_no_guidance(self, guidance: float) -> None:
-        if guidance > 1:
+    def check_guidance(self, guidance: float) -> None:
+        if self.is_distilled and guidance > 1:
             raise ValueError(
                 f"this Flux2KleinPipeline is step-distilled (is_distilled): it samples without guidance, got guidance "
                 f"{guidance}; use 1"
@@ -259,8 +259,7 @@ class Flux2KleinAdapter(Flux2Adapter):
     ) -> torch.Tensor:
         """``v_theta(x_sigma, sigma)``; above guidance 1, ``neg + guidance * (cond - neg)`` as the pipeline combines
         them (no rescaling), both halves in one batched forward."""
-        if self.is_distilled:
-            self._check_no_guidance(guidance)
+        self.check_guidance(guidance)
         if guidance <= 1:
             return self.transformer_forward(
                 transformer, latents, sigma, text.prompt_embeds, text.text_ids, None, height, width

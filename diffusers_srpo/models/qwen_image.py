@@ -69,7 +69,6 @@ class QwenImageAdapter(PackedLatents, ModelAdapter):
     pipeline_class_names = ("QwenImagePipeline",)
     transformer_class_names = ("QwenImageTransformer2DModel",)
     lora_target_modules = QWEN_IMAGE_LORA_TARGET_MODULES
-    transformer_block_class_names = ("QwenImageTransformerBlock",)
     guidance_kind = "cfg"
     # The official SRPO recipe for Qwen-Image (Tencent-Hunyuan/SRPO, fastvideo/SRPO_Qwen.py with
     # scripts/finetune/SRPO_training_qwen.sh): true CFG 4.0 in the rollout (also the pipeline's default
@@ -141,6 +140,8 @@ class QwenImageAdapter(PackedLatents, ModelAdapter):
         timestep = torch.as_tensor(sigma, device=latents.device, dtype=latents.dtype).expand(batch_size)
 
         def forward(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            # As the pipeline: no mask where every token counts, which leaves attention its fastest (flash) kernels.
+            mask = None if bool(mask.all()) else mask
             return transformer(
                 hidden_states=latents,
                 timestep=timestep,

@@ -41,7 +41,6 @@ class SD3Adapter(ModelAdapter):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     transformer_class_names = ("SD3Transformer2DModel",)
     lora_target_modules = SD3_LORA_TARGET_MODULES
-    transformer_block_class_names = ("JointTransformerBlock",)
     guidance_kind = "cfg"
     # Flow-GRPO samples SD3.5 with CFG 4.5 (yifan123/flow_grpo config/base.py and its SD3.5 configs in config/grpo.py);
     # Direct-Align's training forward is one forward without CFG, as the official SRPO Qwen-Image recipe trains

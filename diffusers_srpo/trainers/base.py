@@ -83,8 +83,8 @@ def _mix_seed(*parts: int) -> int:
 def with_model_defaults(config: TrainerConfig, adapter) -> TrainerConfig:
     """``config`` with the settings it leaves to the model (``None``) taken from the model family's adapter: the
     prompt length, the schedule's shift, the guidance of the rollout and of Direct-Align's training forward, the
-    negative prompt. A
-    negative prompt given to a model without classifier-free guidance is refused (it would do nothing)."""
+    negative prompt. A negative prompt given to a model without classifier-free guidance is refused (it would do
+    nothing), and so is a guidance the model cannot sample with (a step-distilled FLUX.2 klein takes none)."""
     if config.negative_prompt is not None and adapter.guidance_kind != "cfg":
         raise ValueError(
             f"negative_prompt is for classifier-free guidance; {adapter.pipeline_class_name} ({adapter.name}) uses "
@@ -102,7 +102,11 @@ def with_model_defaults(config: TrainerConfig, adapter) -> TrainerConfig:
         for name, value in defaults.items()
         if value is not None and hasattr(config, name) and getattr(config, name) is None
     }
-    return dataclasses.replace(config, **unset) if unset else config
+    config = dataclasses.replace(config, **unset) if unset else config
+    for name in ("rollout_guidance", "train_guidance"):
+        if hasattr(config, name):
+            adapter.check_guidance(getattr(config, name))
+    return config
 
 
 class BaseTrainer:
@@ -269,6 +273,9 @@ class BaseTrainer:
             transformer.requires_grad_(True)
         # The dtype of the frozen transformer weights, in which its inputs are given (fp32 for a full fine-tune).
         self.weight_dtype = transformer.dtype
+        # Every prompt is encoded once, before the transformer, the VAE and the reward come to the device: the text
+        # encoders then leave it (FLUX.2-dev's 24B encoder and its 32B transformer do not fit an 80 GB card together).
+        self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []))
         transformer.to(device)
         pipe.vae.to(device)
         self.adapter.enable_gradient_checkpointing(config.gradient_checkpointing, config.vae_gradient_checkpointing)
@@ -626,8 +633,6 @@ class BaseTrainer:
         config, accelerator = self.config, self.accelerator
         try:
             with stop_on_signals() as stop:
-                # Every prompt is encoded up front, so that the text encoders can leave the GPU for the whole run.
-                self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []))
                 if self.resume_checkpoint is not None:
                     self._load_checkpoint(self.resume_checkpoint)
                 elif config.resume_from_checkpoint == "latest":

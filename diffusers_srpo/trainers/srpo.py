@@ -16,7 +16,8 @@ _SIGMA_STREAM = 2
 
 
 class SRPOTrainer(BaseTrainer):
-    """Fine-tune a FLUX pipeline with SRPO; ``train()`` writes a LoRA that ``pipe.load_lora_weights`` reads.
+    """Fine-tune a flow pipeline (FLUX.1, FLUX.2, Qwen-Image, SD3) with SRPO; ``train()`` writes a LoRA that
+    ``pipe.load_lora_weights`` reads.
 
     ``reward`` is a CLIP-like reward (``HPSv2Reward``, ``PickScoreReward``, ``CLIPReward``), wrapped in
     ``SemanticRelativeReward`` with the config's control words, or an already built

@@ -53,7 +53,7 @@ class PreferencePair:
 
 
 class TailorPOTrainer(BaseTrainer):
-    """Step-wise preference optimisation of a FLUX pipeline; ``train()`` writes a LoRA for ``load_lora_weights``.
+    """Step-wise preference optimisation of a flow pipeline; ``train()`` writes a LoRA for ``load_lora_weights``.
 
     ``reward`` is any reward ``reward(images, prompts) -> Tensor[B]`` (written with ``reward_template``). TailorPO
     and trajectory-level DPO only rank samples, so the reward need not be differentiable; TailorPO-G needs its
