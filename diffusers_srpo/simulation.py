@@ -196,7 +196,6 @@ class _RecordedCall:
     output_leaves: tuple
 
 
-
 class RepeatedCallReplay:
     """Simulates each distinct no-grad call of ``module`` once and replays its repeats: the same FLOPs, the same rise
     of the memory above the level it starts from, and fresh fake outputs of the same shapes.
