@@ -279,18 +279,25 @@ class DirectAlignScheduler(FlowMatchEulerDiscreteScheduler):
     def sample_training_sigmas(
         self,
         batch_size: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         device: str | torch.device | None = None,
     ) -> DirectAlignSigmas:
         """Draw ``m`` uniformly from ``{min_grid_index, ..., T - min_grid_index}`` per sample, and its geometry.
 
         ``m`` is drawn with ``torch.randint`` on ``generator`` (on the generator's device, the CPU by default),
-        so the draw is reproducible from a seeded generator; the result is then moved to ``device``.
+        so the draw is reproducible from a seeded generator; the result is then moved to ``device``. As in
+        diffusers pipelines, ``generator`` may be a list with one generator per sample, each drawing its sample's
+        ``m`` alone (so a sample's draw does not depend on the batch it is in).
         """
         low = self.config.min_grid_index
         high = self.config.train_grid_resolution - low
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        grid_index = torch.randint(low, high + 1, (batch_size,), generator=generator, device=draw_device)
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}: expected one per sample.")
+            grid_index = torch.cat([torch.randint(low, high + 1, (1,), generator=g, device=g.device) for g in generator])
+        else:
+            draw_device = generator.device if generator is not None else torch.device("cpu")
+            grid_index = torch.randint(low, high + 1, (batch_size,), generator=generator, device=draw_device)
         sigmas = self.training_sigmas_at(grid_index)
         return sigmas if device is None else sigmas.to(device)
 

@@ -222,6 +222,9 @@ API_CASES = [
     (lambda: TailorPOConfig(beta=-math.inf), ValueError, "beta must be a finite number, got -inf"),
     (lambda: SRPOConfig(max_consecutive_skips=-1), ValueError, "max_consecutive_skips must be a positive integer"),
     (lambda: DirectAlignScheduler(invert_discount_end=math.nan), ValueError, "invert_discount_end=nan is invalid"),
+    (lambda: SRPOConfig(gradient_accumulation_steps=0), ValueError, "gradient_accumulation_steps must be a positive integer, got 0"),
+    (lambda: SRPOConfig(denoise_discount_end=-0.1), ValueError, "denoise_discount_end must be >= 0 (SRP scores"),
+    (lambda: SRPOConfig(fsdp=True, mixed_precision="fp16"), ValueError, "fsdp=True with mixed_precision='fp16' is not supported"),
 ]
 
 

@@ -206,6 +206,21 @@ def test_busy_output_dir_is_refused_before_loading_anything(world, tmp_path):
     assert (busy / "pytorch_lora_weights.safetensors").read_bytes() == b"another run"
 
 
+def test_an_fsdp1_accelerate_config_is_refused_before_loading_anything(world, tmp_path):
+    env = dict(ENV, ACCELERATE_USE_FSDP="true", FSDP_VERSION="1")
+    result = subprocess.run(
+        [shutil.which("diffusers-srpo"), "train", "--model", "no/such-model", "--prompt_file", str(world / "prompts.txt"),
+         "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "diffusers-srpo train: error: the accelerate config asks for FSDP version 1; diffusers-srpo shards with FSDP2 "
+        "(fully_shard): set fsdp_version: 2 in the accelerate config (examples/accelerate/fsdp.yaml)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 def test_module_entry_point_is_the_console_script():
     result = subprocess.run([sys.executable, "-m", "diffusers_srpo", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "extract-lora" in result.stdout

@@ -74,7 +74,7 @@ def test_example_training_configs_are_valid(name):
     args = parser.parse_args(["train"])
     config = config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
     assert config.resolution == 720 and config.mixed_precision == "bf16"
-    assert isinstance(config.learning_rate, float) and args.reward.startswith("hpsv2:")
+    assert isinstance(config.learning_rate, float) and args.reward.split(":")[0] in ("hpsv2", "pickscore")
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(EXAMPLES, "accelerate"))))

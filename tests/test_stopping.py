@@ -296,10 +296,10 @@ def test_the_pipeline_is_handed_back_after_an_error_and_a_trainer_trains_once(tm
     found = flags(pipe)
 
     class Failing(SRPOTrainer):
-        def training_step(self, step):
+        def training_step(self, step, micro_step=0):
             if step == 1:
                 raise RuntimeError("out of memory")
-            return super().training_step(step)
+            return super().training_step(step, micro_step)
 
     trainer = Failing(pipe, reward=tiny_clip_reward(seed=0), prompts=PROMPTS, config=default_config(tmp_path, max_train_steps=3))
     with pytest.raises(RuntimeError, match="out of memory"):

@@ -32,9 +32,11 @@ import torch
 from ..atomic import move_into_place, staged_outputs
 from ..models import TextConditioning, get_model_adapter
 from ..prompts import load_prompts
+from . import sharding
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     LORA_WEIGHT_NAME,
+    OPTIMIZER_FOLDER,
     TRAINER_STATE_NAME,
     TRANSFORMER_FOLDER,
     checkpoint_dirs,
@@ -123,6 +125,8 @@ class BaseTrainer:
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(self.config).__name__}")
         # Cheap checks first: nothing expensive runs and nothing is written before they pass.
+        if sharding.fsdp_requested_by_accelerate() and not self.config.fsdp:
+            self.config = dataclasses.replace(self.config, fsdp=True)
         self.adapter = get_model_adapter(pipe, negative_prompt=self.config.negative_prompt)
         self.config = with_model_defaults(self.config, self.adapter)
         self.pipe = pipe
@@ -146,14 +150,16 @@ class BaseTrainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        self.accelerator = Accelerator(
-            mixed_precision=self.config.mixed_precision,
-            log_with=self.config.log_with,
-            project_config=ProjectConfiguration(
-                project_dir=self.config.output_dir, logging_dir=os.path.join(self.config.output_dir, "logs")
-            ),
-            cpu=self.config.cpu,
-        )
+        with sharding.accelerate_without_fsdp():
+            self.accelerator = Accelerator(
+                mixed_precision=self.config.mixed_precision,
+                log_with=self.config.log_with,
+                project_config=ProjectConfiguration(
+                    project_dir=self.config.output_dir, logging_dir=os.path.join(self.config.output_dir, "logs")
+                ),
+                cpu=self.config.cpu,
+            )
+        self.check_fsdp()
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         # Counters that a checkpoint carries, so that a resumed run logs and stops as the uninterrupted one.
@@ -222,7 +228,8 @@ class BaseTrainer:
         """Settings of the ``DirectAlignScheduler`` built from the pipeline's scheduler config."""
         return {"rollout_steps": self.config.rollout_steps, "direct_align_shift": self.config.direct_align_shift}
 
-    def training_step(self, step: int) -> StepOutput:
+    def training_step(self, step: int, micro_step: int = 0) -> StepOutput:
+        """The losses of micro-batch ``micro_step`` (of ``gradient_accumulation_steps``) of update ``step``."""
         raise NotImplementedError
 
     def model_card_details(self) -> dict[str, str]:
@@ -242,6 +249,16 @@ class BaseTrainer:
         scores.sum().backward()
         if images.grad is None or not torch.isfinite(images.grad).all() or not images.grad.abs().sum() > 0:
             raise ValueError(f"the reward {name} is not differentiable: no gradient reaches the images ({self.method_name} needs one)")
+
+    def check_fsdp(self) -> None:
+        """Refuse, in one line and before any model moves, what cannot run sharded."""
+        if not self.config.fsdp:
+            return
+        if self.accelerator.num_processes < 2:
+            raise ValueError(
+                "fsdp=True shards the transformer over several processes, but this run has one: launch it with "
+                "accelerate launch or torchrun --nproc_per_node N, or leave fsdp off"
+            )
 
     # ----------------------------------------------------------------------------------- setup
     def _setup_models(self) -> None:
@@ -276,7 +293,8 @@ class BaseTrainer:
         # Every prompt is encoded once, before the transformer, the VAE and the reward come to the device: the text
         # encoders then leave it (FLUX.2-dev's 24B encoder and its 32B transformer do not fit an 80 GB card together).
         self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []))
-        transformer.to(device)
+        if not config.fsdp:  # under FSDP each process's shards go to the device, the user's transformer stays put
+            transformer.to(device)
         pipe.vae.to(device)
         self.adapter.enable_gradient_checkpointing(config.gradient_checkpointing, config.vae_gradient_checkpointing)
         self.reward.to(device)
@@ -285,7 +303,11 @@ class BaseTrainer:
             from diffusers.training_utils import cast_training_params
 
             cast_training_params(transformer, dtype=torch.float32)
-        self.trainable_parameters = [p for p in transformer.parameters() if p.requires_grad]
+        if config.fsdp:
+            self.model = sharding.shard_copy(transformer, device, self.fsdp_param_dtype)
+        trained = [(n, p) for n, p in (self.model if config.fsdp else transformer).named_parameters() if p.requires_grad]
+        self.trainable_parameters = [p for _, p in trained]
+        self._trained_names = {n for n, _ in trained}
         if not self.trainable_parameters:
             raise ValueError("nothing to train: no transformer parameter requires grad (check lora_target_modules)")
 
@@ -299,20 +321,49 @@ class BaseTrainer:
         self.setup_method()
         from diffusers.optimization import get_scheduler
 
-        # accelerate steps a prepared scheduler once per process per update, hence the factor.
-        lr_scheduler = get_scheduler(
-            config.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=config.max_train_steps * accelerator.num_processes,
-        )
-        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+        if config.fsdp:
+            # Nothing sharded goes through accelerate (it would save rank 0's shards alone): the optimizer state is
+            # checkpointed by torch distributed checkpoint, the schedule as a plain object stepped once per update.
+            self.optimizer = optimizer
+            self.lr_scheduler = get_scheduler(
+                config.lr_scheduler,
+                optimizer=optimizer,
+                num_warmup_steps=config.lr_warmup_steps,
+                num_training_steps=config.max_train_steps,
+            )
+            accelerator.register_for_checkpointing(self.lr_scheduler)
+        else:
+            # accelerate steps a prepared scheduler once per process per update, hence the factor.
+            lr_scheduler = get_scheduler(
+                config.lr_scheduler,
+                optimizer=optimizer,
+                num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                num_training_steps=config.max_train_steps * accelerator.num_processes,
+            )
+            self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
         from ..scheduling_direct_align import DirectAlignScheduler
 
         self.scheduler = DirectAlignScheduler.from_config(pipe.scheduler.config, **self.scheduler_overrides())
         self.rollout_sigmas = self.scheduler.rollout_sigmas(device)
         accelerator.register_save_state_pre_hook(self._save_model_hook)
         accelerator.register_load_state_pre_hook(self._load_model_hook)
+
+    @property
+    def fsdp_param_dtype(self) -> torch.dtype | None:
+        """The compute dtype of the sharded transformer: the run's mixed precision (``None``: the weights' own)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
+
+    @property
+    def whole_transformer(self) -> torch.nn.Module:
+        """The user's transformer with the trained weights, whole: what the outputs are written from. Under FSDP it
+        holds them after :meth:`gather_trained_weights`."""
+        return self.pipe.transformer if self.config.fsdp else self.accelerator.unwrap_model(self.model)
+
+    def gather_trained_weights(self) -> None:
+        """Under FSDP, copy the trained weights from the shards into the user's transformer (a collective: every
+        process calls it); nothing to do otherwise, where the model is the user's transformer itself."""
+        if self.config.fsdp:
+            sharding.gather_into(self.model, self.pipe.transformer)
 
     def cache_prompt_embeddings(self, prompts: list[str]) -> None:
         """Encode the prompts not yet cached, once each; keep the embeddings on the CPU, then send the encoders away."""
@@ -340,32 +391,57 @@ class BaseTrainer:
         return type(cached[0]).cat(cached).to(self.accelerator.device, self.weight_dtype)
 
     # ----------------------------------------------------------------------------------- data order and seeds
-    def indices_for_step(self, step: int) -> list[int]:
-        """This process's prompt indices for an update: a seeded shuffle per epoch, different on every process."""
+    # An update sees ``processes x train_batch_size x gradient_accumulation_steps`` samples. Each has a position in
+    # the update, and its prompt, noise and per-sample draws are keyed by that position alone, so that how the samples
+    # are split between processes and micro-batches changes nothing but float rounding.
+    @property
+    def samples_per_update(self) -> int:
+        return self.accelerator.num_processes * self.config.train_batch_size * self.config.gradient_accumulation_steps
+
+    def sample_positions(self, micro_step: int = 0) -> list[int]:
+        """Positions in the update of this process's samples of micro-batch ``micro_step``."""
         world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, self.config.train_batch_size
+        first = (micro_step * world + rank) * batch
+        return list(range(first, first + batch))
+
+    def indices_for_step(self, step: int, micro_step: int = 0) -> list[int]:
+        """This process's prompt indices for a micro-batch: a seeded shuffle per epoch, walked in sample positions."""
         chosen = []
-        for item in range(batch):
-            position = (step * world + rank) * batch + item
-            epoch, index = divmod(position, len(self.prompts))
+        for position in self.sample_positions(micro_step):
+            epoch, index = divmod(step * self.samples_per_update + position, len(self.prompts))
             order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(_mix_seed(self.config.seed, epoch)))
             chosen.append(int(order[index]))
         return chosen
 
-    def generator(self, step: int, stream: int, per_process: bool) -> torch.Generator:
-        """A CPU generator for one purpose (``stream``) of one update; shared by all processes unless ``per_process``."""
-        rank = self.accelerator.process_index if per_process else -1
-        return torch.Generator().manual_seed(_mix_seed(self.config.seed, step, stream, rank))
+    def generator(self, step: int, stream: int, per_process: bool, micro_step: int = 0) -> torch.Generator:
+        """A CPU generator for one purpose (``stream``) of one update: shared by all processes, or (``per_process``)
+        one per micro-batch of each process, keyed by the micro-batch's first sample position."""
+        key = self.sample_positions(micro_step)[0] if per_process else -1
+        return torch.Generator().manual_seed(_mix_seed(self.config.seed, step, stream, key))
 
-    def step_prompts(self, step: int) -> tuple[list[str], TextConditioning]:
-        """This process's prompts of an update and their text conditioning."""
-        prompts = [self.prompts[i] for i in self.indices_for_step(step)]
+    def sample_generators(self, step: int, stream: int, micro_step: int = 0) -> list[torch.Generator]:
+        """One CPU generator per sample of the micro-batch for ``stream``, keyed by the sample's position."""
+        return [
+            torch.Generator().manual_seed(_mix_seed(self.config.seed, step, stream, position))
+            for position in self.sample_positions(micro_step)
+        ]
+
+    def step_prompts(self, step: int, micro_step: int = 0) -> tuple[list[str], TextConditioning]:
+        """This process's prompts of a micro-batch and their text conditioning."""
+        prompts = [self.prompts[i] for i in self.indices_for_step(step, micro_step)]
         return prompts, self.text_for(prompts)
 
-    def step_noise(self, step: int, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The starting noise of an update: the same on every process (their prompts differ), packed latents."""
-        size = self.config.resolution
-        generator = self.generator(step, NOISE_STREAM, per_process=False)
-        return self.adapter.make_noise(batch_size, size, size, generator, self.accelerator.device, dtype or self.weight_dtype)
+    def step_noise(self, step: int, batch_size: int, dtype: torch.dtype | None = None, micro_step: int = 0) -> torch.Tensor:
+        """The starting noise of a micro-batch's samples (packed latents): with ``shared_noise`` one noise for the
+        whole update, on every process (their prompts differ), else one per sample position."""
+        size, device, dtype = self.config.resolution, self.accelerator.device, dtype or self.weight_dtype
+        if self.config.shared_noise:
+            noise = self.adapter.make_noise(1, size, size, self.generator(step, NOISE_STREAM, per_process=False), device, dtype)
+            return noise.expand(batch_size, *noise.shape[1:]).clone()
+        generators = self.sample_generators(step, NOISE_STREAM, micro_step)
+        if len(generators) != batch_size:
+            raise ValueError(f"batch_size {batch_size} is not this micro-batch's {len(generators)} samples")
+        return torch.cat([self.adapter.make_noise(1, size, size, g, device, dtype) for g in generators])
 
     # ----------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -407,7 +483,7 @@ class BaseTrainer:
         self._read_model(input_dir)
 
     def _write_model(self, directory: str) -> None:
-        transformer = self.accelerator.unwrap_model(self.model)
+        transformer = self.whole_transformer
         if self.config.use_lora:
             from peft.utils import get_peft_model_state_dict
 
@@ -418,11 +494,16 @@ class BaseTrainer:
             transformer.save_pretrained(os.path.join(directory, TRANSFORMER_FOLDER), safe_serialization=True)
 
     def check_weights_finite(self) -> None:
-        """Refuse to write trained weights that hold a NaN or an infinity (checked before anything is written)."""
-        # The optimizer's tensors are what training changes, however the model is wrapped.
-        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
-        names = {id(p): n for n, p in self.accelerator.unwrap_model(self.model).named_parameters()}
-        bad = [names.get(id(p), f"tensor {i}") for i, p in enumerate(trained) if not torch.isfinite(p.detach()).all()]
+        """Refuse to write trained weights that hold a NaN or an infinity (checked before anything is written; under
+        FSDP on the gathered weights)."""
+        if self.config.fsdp:
+            named = [(n, p) for n, p in self.whole_transformer.named_parameters() if n in self._trained_names]
+        else:
+            # The optimizer's tensors are what training changes, however the model is wrapped.
+            names = {id(p): n for n, p in self.whole_transformer.named_parameters()}
+            named = [(names.get(id(p), f"tensor {i}"), p) for i, p in enumerate(self.trainable_parameters)]
+        trained = [p for _, p in named]
+        bad = [n for n, p in named if not torch.isfinite(p.detach()).all()]
         if bad:
             raise NonFiniteWeightsError(
                 f"refusing to write the trained weights: {len(bad)} of {len(trained)} trained tensors are not finite "
@@ -431,7 +512,7 @@ class BaseTrainer:
             )
 
     def _read_model(self, directory: str) -> None:
-        transformer = self.accelerator.unwrap_model(self.model)
+        transformer = self.whole_transformer
         if self.config.use_lora:
             from peft import set_peft_model_state_dict
 
@@ -452,6 +533,8 @@ class BaseTrainer:
             for name in files:
                 state.update(load_file(os.path.join(folder, name)))
             transformer.load_state_dict(state)
+        if self.config.fsdp:
+            sharding.scatter_from(transformer, self.model)
 
     def checkpoint_dirs(self) -> list[str]:
         """Complete checkpoints (those holding the trainer state, written last), oldest first."""
@@ -460,6 +543,7 @@ class BaseTrainer:
     def save_checkpoint(self) -> str:
         """Write ``checkpoint-N`` atomically: into a temporary folder, renamed only once complete."""
         accelerator = self.accelerator
+        self.gather_trained_weights()
         self.check_weights_finite()
         final = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step}")
         partial = os.path.join(self.config.output_dir, f".partial-{CHECKPOINT_PREFIX}{self.global_step}")
@@ -467,6 +551,8 @@ class BaseTrainer:
             shutil.rmtree(partial)
         accelerator.wait_for_everyone()
         accelerator.save_state(partial)
+        if self.config.fsdp:
+            sharding.save_optimizer(self.model, self.optimizer, os.path.join(partial, OPTIMIZER_FOLDER))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as f:
@@ -474,6 +560,7 @@ class BaseTrainer:
                     {
                         "global_step": self.global_step,
                         "method": self.method_name,
+                        "fsdp": self.config.fsdp,
                         "skipped_updates": self.skipped_updates,
                         "consecutive_skips": self.consecutive_skips,
                         "inactive_hinge_updates": self._inactive_hinge_updates,
@@ -491,8 +578,10 @@ class BaseTrainer:
 
     def _load_checkpoint(self, path: str) -> None:
         # Checked again (it was when the trainer was built): the folder may have changed since.
-        state = read_trainer_state(path, method=self.method_name, use_lora=self.config.use_lora)
+        state = read_trainer_state(path, method=self.method_name, use_lora=self.config.use_lora, fsdp=self.config.fsdp)
         self.accelerator.load_state(path)
+        if self.config.fsdp:
+            sharding.load_optimizer(self.model, self.optimizer, os.path.join(path, OPTIMIZER_FOLDER))
         self.global_step = state["global_step"]
         self.history = state.get("history", [])
         self.skipped_updates = state.get("skipped_updates", 0)
@@ -506,6 +595,7 @@ class BaseTrainer:
     def save_outputs(self) -> None:
         """The final LoRA (or transformer), the config and a model card; main process only. Each is written under
         a temporary name and renamed into place, so a kill leaves the old file (or none), never a truncated one."""
+        self.gather_trained_weights()
         if not self.accelerator.is_main_process:
             return
         self.check_weights_finite()
@@ -521,6 +611,10 @@ class BaseTrainer:
         pipeline = self.adapter.pipeline_class_name
         details = {"base model": base_model, "method": self.method_name, "trained": kind, **self.model_card_details()}
         details["updates"] = str(self.global_step)
+        details["prompts per update"] = (
+            f"{self.samples_per_update} ({self.accelerator.num_processes} processes x {self.config.train_batch_size} "
+            f"x {self.config.gradient_accumulation_steps} accumulated{', sharded with FSDP' if self.config.fsdp else ''})"
+        )
         if self.skipped_updates:
             details["updates skipped (non-finite loss, reward or gradient)"] = str(self.skipped_updates)
         lines = [
@@ -632,7 +726,12 @@ class BaseTrainer:
         self._trained = True
         config, accelerator = self.config, self.accelerator
         try:
-            with stop_on_signals() as stop:
+            with stop_on_signals() as stop, warnings.catch_warnings():
+                if config.fsdp:
+                    # FLUX's blocks return views (slices of one sequence); torch warns, on every call, that an in-place
+                    # op on them would skip FSDP's all-gather. No block writes into its input in place: the sharded
+                    # runs equal the unsharded ones (tests/test_fsdp.py).
+                    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
                 if self.resume_checkpoint is not None:
                     self._load_checkpoint(self.resume_checkpoint)
                 elif config.resume_from_checkpoint == "latest":
@@ -661,27 +760,36 @@ class BaseTrainer:
         return self.history
 
     def _run_update(self, step: int, stop: StopRequest) -> tuple[dict[str, float], bool]:
-        """One update: the method's micro-step losses, back-propagated one after another, then one optimizer step,
-        or none when a loss, a logged number (the rewards among them) or the gradient norm of any process is not
-        finite. Returns the logs (the same on every process) and whether any process was asked to stop."""
+        """One update: ``gradient_accumulation_steps`` micro-batches, each the method's micro-step losses
+        back-propagated one after another, then one optimizer step, or none when a loss, a logged number (the
+        rewards among them) or the gradient norm of any process is not finite. Returns the logs (the same on every
+        process) and whether any process was asked to stop."""
         config, accelerator = self.config, self.accelerator
-        output = self.training_step(step)
-        if not output.losses:
-            raise RuntimeError(f"{type(self).__name__}.training_step returned no loss for step {step}")
-        # The micro-step losses (SRPO's two branches, TailorPO's steps) accumulate into one update; their graphs
-        # are built and freed one after another. Only the last backward all-reduces the gradients across
-        # processes. (accelerate's own `accumulate` keeps its step count in a process-wide singleton, which a
-        # second trainer built in the same process would overwrite.)
+        accumulation = config.gradient_accumulation_steps
         losses: dict[str, float] = {}
-        for index, (name, loss_fn) in enumerate(output.losses.items()):
-            is_last = index == len(output.losses) - 1
-            with contextlib.nullcontext() if is_last else accelerator.no_sync(self.model):
-                loss = loss_fn() / len(output.losses)
-                accelerator.backward(loss)
-            losses[f"loss of {name!r}"] = loss.detach().item()
+        micro_logs: list[dict[str, float]] = []
+        for micro_step in range(accumulation):
+            output = self.training_step(step, micro_step)
+            if not output.losses:
+                raise RuntimeError(f"{type(self).__name__}.training_step returned no loss for step {step}")
+            # The micro-step losses (SRPO's two branches, TailorPO's steps) of every micro-batch accumulate into one
+            # update; their graphs are built and freed one after another. Each is scaled so that the update's loss is
+            # the mean over its samples. Only the last backward synchronises the gradients across processes.
+            # (accelerate's own `accumulate` keeps its step count in a process-wide singleton, which a second
+            # trainer built in the same process would overwrite.)
+            for index, (name, loss_fn) in enumerate(output.losses.items()):
+                is_last = micro_step == accumulation - 1 and index == len(output.losses) - 1
+                with self._gradient_sync(is_last):
+                    loss = loss_fn() / (len(output.losses) * accumulation)
+                    accelerator.backward(loss)
+                key = f"loss of {name!r}"
+                losses[key] = losses.get(key, 0.0) + loss.detach().item()
+            micro_logs.append(output.logs)
+        logs_of_update = {key: sum(logs[key] for logs in micro_logs) / accumulation for key in micro_logs[0]}
         # Clipping at infinity scales by exactly 1: the norm is measured (and checked) whether or not it clips.
-        grad_norm = accelerator.clip_grad_norm_(self.trainable_parameters, config.max_grad_norm or math.inf)
-        numbers = {**output.logs, "loss": sum(losses.values()), "grad_norm": float(grad_norm)}
+        clip = sharding.sharded_clip_grad_norm_ if config.fsdp else accelerator.clip_grad_norm_
+        grad_norm = clip(self.trainable_parameters, config.max_grad_norm or math.inf)
+        numbers = {**logs_of_update, "loss": sum(losses.values()), "grad_norm": float(grad_norm)}
         # One collective for all the numbers (every process has the same keys in the same order): a NaN of any
         # process makes the mean NaN on every process, so that all of them skip the same updates.
         local = {**numbers, **losses, "stop": float(stop.requested)}
@@ -708,6 +816,13 @@ class BaseTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         logs["skipped_updates"] = float(self.skipped_updates)
         return logs, reduced["stop"] > 0
+
+    def _gradient_sync(self, synchronise: bool):
+        """Where a backward synchronises the gradients: DDP only at the update's last one (``no_sync`` before); FSDP
+        at every one, reduce-scattering into the sharded gradients (skipping it would keep whole gradients)."""
+        if synchronise or self.config.fsdp:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
 
     def _skip_update(self, step: int, non_finite: list[str]) -> None:
         """Leave the weights and the optimizer state as they are; count the skip and say why."""

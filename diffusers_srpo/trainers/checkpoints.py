@@ -14,6 +14,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRANSFORMER_FOLDER = "transformer"
+# Under FSDP: the sharded optimizer state, a torch distributed checkpoint.
+OPTIMIZER_FOLDER = "optimizer"
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -28,11 +30,12 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def read_trainer_state(path: str, *, method: str, use_lora: bool) -> dict:
+def read_trainer_state(path: str, *, method: str, use_lora: bool, fsdp: bool = False) -> dict:
     """The trainer state of checkpoint ``path``, checked against the run that wants to resume from it.
 
     Raises ``FileNotFoundError`` for a folder that is not a complete checkpoint and ``ValueError`` for one whose
-    state is unreadable, was written by another method, or holds the other kind of model (LoRA / full).
+    state is unreadable, was written by another method, holds the other kind of model (LoRA / full), or keeps its
+    optimizer state the other way (sharded by FSDP or whole).
     """
     state_file = os.path.join(path, TRAINER_STATE_NAME)
     if not os.path.isfile(state_file):
@@ -56,6 +59,12 @@ def read_trainer_state(path: str, *, method: str, use_lora: bool) -> dict:
     if not os.path.exists(os.path.join(path, model_files)):
         kind, other = ("a LoRA", "a full fine-tune") if use_lora else ("a full fine-tune", "a LoRA")
         raise ValueError(f"checkpoint {path!r} holds no {model_files}: this run trains {kind}, was it {other}?")
+    if bool(state.get("fsdp", False)) != fsdp:
+        written, wanted = ("with", "without") if state.get("fsdp") else ("without", "with")
+        raise ValueError(
+            f"checkpoint {path!r} was written {written} fsdp (its optimizer state is kept that way); this run is "
+            f"{wanted}: resume it with fsdp={not fsdp}"
+        )
     return state
 
 
@@ -77,5 +86,5 @@ def resolve_resume_checkpoint(config) -> str | None:
                 )
             return None
         wanted = found[-1]
-    read_trainer_state(wanted, method=config.method, use_lora=config.use_lora)
+    read_trainer_state(wanted, method=config.method, use_lora=config.use_lora, fsdp=config.fsdp)
     return wanted

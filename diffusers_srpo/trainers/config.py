@@ -102,7 +102,21 @@ class TrainerConfig:
     max_train_steps: int = field(
         default=200, metadata=_help("Number of updates (each one optimizer step, unless skipped as non-finite).")
     )
-    train_batch_size: int = field(default=1, metadata=_help("Prompts per process per update."))
+    train_batch_size: int = field(default=1, metadata=_help("Prompts per process per micro-batch."))
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata=_help(
+            "Micro-batches per update: an update sees processes x train_batch_size x this many prompts and makes one "
+            "optimizer step (the reference's 32 prompts per update on one GPU: 32)."
+        ),
+    )
+    shared_noise: bool = field(
+        default=True,
+        metadata=_help(
+            "Every prompt of an update starts from the same noise, on every process (the reference broadcasts one "
+            "noise per update); false: a noise of its own for each prompt."
+        ),
+    )
     learning_rate: float | None = field(
         default=None,
         metadata=_help("AdamW learning rate; default 1e-4 with LoRA, 5e-6 (the reference) for a full fine-tune."),
@@ -121,6 +135,15 @@ class TrainerConfig:
         default="bf16", metadata=_help("Autocast precision: 'no', 'fp16' or 'bf16' (the reference uses bf16).")
     )
     cpu: bool = field(default=False, metadata=_help("Train on the CPU even where CUDA is available."))
+    fsdp: bool = field(
+        default=False,
+        metadata=_help(
+            "Shard the transformer over the processes per block with PyTorch's FSDP2 (fully_shard): parameters, "
+            "gradients and optimizer state split N ways, compute in the mixed precision, gradients reduced in fp32. "
+            "Launch several processes (accelerate launch or torchrun); an accelerate FSDP config (fsdp_version 2) "
+            "turns it on."
+        ),
+    )
 
     # What is trained
     use_lora: bool = field(default=True, metadata=_help("Train a LoRA (the default) instead of the full transformer."))
@@ -205,6 +228,7 @@ class TrainerConfig:
         positive = {
             "max_train_steps": self.max_train_steps,
             "train_batch_size": self.train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "lora_rank": self.lora_rank,
             "resolution": self.resolution,
             "rollout_steps": self.rollout_steps,
@@ -241,6 +265,8 @@ class TrainerConfig:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if self.mixed_precision not in _MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ValueError("fsdp=True with mixed_precision='fp16' is not supported (no sharded loss scaling): use 'bf16'")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit must be >= 1 or None, got {self.checkpoints_total_limit!r}")
         from diffusers.optimization import SchedulerType
@@ -310,6 +336,22 @@ class SRPOConfig(RewardLossConfig):
         default=5, metadata=_help("First index of the training window on the 50-step training grid (0 is pure noise).")
     )
     train_window_end: int = field(default=25, metadata=_help("Last index of the training window on the 50-step grid."))
+    denoise_discount_start: float = field(
+        default=0.1,
+        metadata=_help(
+            "SRP's k of the denoise branch is linspace(start, end, 1000)[m], m the drawn window position (the reference: "
+            "0.1 -> 0.25 for HPS, 0.1 -> 0.5 for PickScore)."
+        ),
+    )
+    denoise_discount_end: float = field(default=0.25, metadata=_help("End of the denoise branch's SRP discount ramp."))
+    invert_discount_start: float = field(
+        default=0.3,
+        metadata=_help(
+            "SRP's k of the inversion branch is linspace(start, end, 1000)[j] (the reference: 0.3 -> 0.01 for HPS, "
+            "0.6 -> 0.01 for PickScore)."
+        ),
+    )
+    invert_discount_end: float = field(default=0.01, metadata=_help("End of the inversion branch's SRP discount ramp."))
     use_inversion: bool | None = field(
         default=None,
         metadata=_help(
@@ -357,6 +399,9 @@ class SRPOConfig(RewardLossConfig):
                 "train_window_start/train_window_end must satisfy 0 <= start < end <= 50, "
                 f"got ({self.train_window_start}, {self.train_window_end})"
             )
+        for name in ("denoise_discount_start", "denoise_discount_end", "invert_discount_start", "invert_discount_end"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (SRP scores (1 + k) * positive - negative), got {getattr(self, name)!r}")
         if self.word_schedule not in _WORD_SCHEDULES:
             raise ValueError(f"word_schedule must be one of {_WORD_SCHEDULES}, got {self.word_schedule!r}")
         for name in ("positive_words", "negative_words"):

@@ -32,10 +32,10 @@ class DRaFTTrainer(BaseTrainer):
             "gradient steps": f"the last {k} of {self.config.rollout_steps}" + (" (full chain)" if k == self.config.rollout_steps else ""),
         }
 
-    def training_step(self, step: int) -> StepOutput:
+    def training_step(self, step: int, micro_step: int = 0) -> StepOutput:
         config, accelerator = self.config, self.accelerator
-        prompts, text = self.step_prompts(step)
-        noise = self.step_noise(step, len(prompts))
+        prompts, text = self.step_prompts(step, micro_step)
+        noise = self.step_noise(step, len(prompts), micro_step=micro_step)
         sigmas = self.rollout_sigmas
         first_gradient_step = len(sigmas) - 1 - config.gradient_steps
         start = self.sample_latents(noise, text, sigmas[: first_gradient_step + 1], config.rollout_guidance)

@@ -31,18 +31,20 @@ class ReFLTrainer(BaseTrainer):
             "gradient step": f"one of rollout steps {steps[0]}-{steps[-1]} of {self.config.rollout_steps}",
         }
 
-    def late_step_index(self, step: int) -> int:
-        """The rollout step of this update's gradient step, drawn uniformly from the window (per process)."""
+    def late_step_index(self, step: int, micro_step: int = 0) -> int:
+        """The rollout step of a micro-batch's gradient step, drawn uniformly from the window (one per micro-batch:
+        its samples share the rollout up to it)."""
         steps = self.config.refl_steps()
-        draw = torch.randint(len(steps), (1,), generator=self.generator(step, _STEP_STREAM, per_process=True))
+        generator = self.generator(step, _STEP_STREAM, per_process=True, micro_step=micro_step)
+        draw = torch.randint(len(steps), (1,), generator=generator)
         return steps[int(draw)]
 
-    def training_step(self, step: int) -> StepOutput:
+    def training_step(self, step: int, micro_step: int = 0) -> StepOutput:
         config, accelerator = self.config, self.accelerator
         size = config.resolution
-        prompts, text = self.step_prompts(step)
-        noise = self.step_noise(step, len(prompts))
-        index = self.late_step_index(step)
+        prompts, text = self.step_prompts(step, micro_step)
+        noise = self.step_noise(step, len(prompts), micro_step=micro_step)
+        index = self.late_step_index(step, micro_step)
         sigma = self.rollout_sigmas[index]
         latents = self.sample_latents(noise, text, self.rollout_sigmas[: index + 1], config.rollout_guidance)
         logs = {"refl_sigma": sigma.item()}

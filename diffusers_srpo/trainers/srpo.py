@@ -72,6 +72,10 @@ class SRPOTrainer(BaseTrainer):
             **super().scheduler_overrides(),
             "train_window_start": self.config.train_window_start,
             "train_window_end": self.config.train_window_end,
+            **{
+                name: getattr(self.config, name)
+                for name in ("denoise_discount_start", "denoise_discount_end", "invert_discount_start", "invert_discount_end")
+            },
         }
 
     def model_card_details(self) -> dict[str, str]:
@@ -95,17 +99,18 @@ class SRPOTrainer(BaseTrainer):
         images = torch.stack([_load_image(self.image_paths[i], self.config.resolution) for i in indices])
         return self.adapter.encode_images(images).to(noise.dtype)
 
-    def training_step(self, step: int) -> StepOutput:
+    def training_step(self, step: int, micro_step: int = 0) -> StepOutput:
         config, accelerator, scheduler = self.config, self.accelerator, self.scheduler
         device, size = accelerator.device, config.resolution
-        indices = self.indices_for_step(step)
+        indices = self.indices_for_step(step, micro_step)
         prompts = [self.prompts[i] for i in indices]
         text = self.text_for(prompts)
-        # The noise prior is the same on every process for an update; prompts and timesteps differ.
-        noise = self.step_noise(step, len(prompts))
+        # The noise prior is the same for every prompt of an update (shared_noise, the reference); each sample's
+        # timestep is drawn from its own position's stream, so batch and accumulation split the same draws.
+        noise = self.step_noise(step, len(prompts), micro_step=micro_step)
         x0 = self.clean_latents(noise, text, indices)
         sigmas = scheduler.sample_training_sigmas(
-            len(prompts), generator=self.generator(step, _SIGMA_STREAM, per_process=True)
+            len(prompts), generator=self.sample_generators(step, _SIGMA_STREAM, micro_step)
         ).to(device)
 
         branches = [("denoise", sigmas.sigma_hi, sigmas.sigma_mid, sigmas.denoise_discount, False)]

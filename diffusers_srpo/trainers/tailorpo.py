@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flow_sde import dpo_log_ratio, flow_sde_transition
+from . import sharding
 from .base import BaseTrainer, StepOutput
 from .config import TailorPOConfig
 
@@ -69,23 +70,15 @@ class TailorPOTrainer(BaseTrainer):
         return self.config.method == "tailorpo-g"
 
     def setup_method(self) -> None:
-        from accelerate.utils import DistributedType
-
-        config = self.config
-        if (
-            config.method == "tailorpo-g"
-            and config.guidance_gradient == "model"
-            and self.accelerator.distributed_type == DistributedType.FSDP
-        ):
-            raise ValueError(
-                "guidance_gradient='model' differentiates through the unwrapped transformer, which FSDP shards: "
-                "use guidance_gradient='fixed' with FSDP"
-            )
         self.reference_model = None
-        if not config.use_lora:
+        if not self.config.use_lora:
             # A frozen copy of the base before accelerate wraps it, in the trained weights' dtype, so that policy and
-            # reference agree exactly at the start. It costs a second transformer in memory.
-            self.reference_model = copy.deepcopy(self.pipe.transformer).requires_grad_(False).eval()
+            # reference agree exactly at the start. It costs a second transformer in memory (sharded under FSDP).
+            if self.config.fsdp:
+                reference = sharding.shard_copy(self.pipe.transformer, self.accelerator.device, self.fsdp_param_dtype)
+            else:
+                reference = copy.deepcopy(self.pipe.transformer)
+            self.reference_model = reference.requires_grad_(False).eval()
 
     def model_card_details(self) -> dict[str, str]:
         config = self.config
@@ -284,16 +277,16 @@ class TailorPOTrainer(BaseTrainer):
         stats["log_ratio_other"].extend(other.detach().tolist())
         return (losses * pair.weight).sum() / len(losses)
 
-    def training_step(self, step: int) -> StepOutput:
+    def training_step(self, step: int, micro_step: int = 0) -> StepOutput:
         config = self.config
-        prompts, text = self.step_prompts(step)
-        noise = self.step_noise(step, len(prompts), torch.float32)
+        prompts, text = self.step_prompts(step, micro_step)
+        noise = self.step_noise(step, len(prompts), torch.float32, micro_step)
         # Which ranked steps enter the loss is drawn first, so that only those pay for a reference forward.
         ranked = config.ranked_steps()
         trained_count = max(1, round(config.trained_step_fraction * len(ranked)))
-        order = torch.randperm(len(ranked), generator=self.generator(step, _TRAINED_STEPS_STREAM, per_process=True))
+        order = torch.randperm(len(ranked), generator=self.generator(step, _TRAINED_STEPS_STREAM, per_process=True, micro_step=micro_step))
         trained_steps = {ranked[int(i)] for i in order[:trained_count]}
-        sde_generator = self.generator(step, _SDE_STREAM, per_process=True)
+        sde_generator = self.generator(step, _SDE_STREAM, per_process=True, micro_step=micro_step)
         logs: dict[str, float] = {"trained_steps": float(trained_count)}
         if config.method == "trajectory-dpo":
             pairs, final_rewards = self._sample_trajectory_pairs(noise, text, prompts, sde_generator, trained_steps, logs)
