@@ -18,7 +18,9 @@ install_requires = [
 ]
 
 extras_require = {
-    "test": ["pytest>=8", "ruff>=0.6", "sentencepiece"],
+    # accelerate's tensorboard tracker (log_with: tensorboard); the tests read its event files back.
+    "tensorboard": ["tensorboard>=2.14"],
+    "test": ["pytest>=8", "ruff>=0.6", "sentencepiece", "tensorboard>=2.14"],
     # Memory-efficient attention; its kernels are CUDA-only.
     "xformers": ["xformers"],
 }

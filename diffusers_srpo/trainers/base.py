@@ -292,7 +292,7 @@ class BaseTrainer:
         self.weight_dtype = transformer.dtype
         # Every prompt is encoded once, before the transformer, the VAE and the reward come to the device: the text
         # encoders then leave it (FLUX.2-dev's 24B encoder and its 32B transformer do not fit an 80 GB card together).
-        self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []))
+        self.cache_prompt_embeddings(self.prompts + list(config.validation_prompts or []) + list(config.eval_prompts or []))
         if not config.fsdp:  # under FSDP each process's shards go to the device, the user's transformer stays put
             transformer.to(device)
         pipe.vae.to(device)
@@ -675,6 +675,36 @@ class BaseTrainer:
         save_image(images.float().cpu(), path, nrow=min(len(prompts), 4))
         return path
 
+    @property
+    def plain_reward(self):
+        """The training reward without what steers it: SRP's control words and ``reward_template``."""
+        from ..rewards import PromptTemplateReward, SemanticRelativeReward
+
+        reward = self.reward
+        while isinstance(reward, (SemanticRelativeReward, PromptTemplateReward)):
+            reward = reward.base
+        return reward
+
+    @torch.no_grad()
+    def evaluate_held_out(self) -> dict[str, float]:
+        """``eval_reward``: the mean plain reward of ``eval_prompts`` under the current model, each prompt sampled
+        from its own fixed noise (``validation_seed`` + its index), so that every evaluation of a run sees the same
+        noise. The prompts are split over the processes; the mean is of all of them."""
+        prompts = self.config.eval_prompts
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        # Every process makes the same number of model calls (FSDP all-gathers in each): the last round may repeat
+        # a prompt, whose score then counts with weight 0.
+        rounds = math.ceil(len(prompts) / world)
+        total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        for position in range(rank, rounds * world, world):
+            index = position % len(prompts)
+            image = self.generate_images([prompts[index]], self.config.validation_seed + index)
+            score = self.plain_reward(image, [prompts[index]]).double().sum()
+            counted = float(position < len(prompts))
+            total += torch.stack([score * counted, score.new_tensor(counted)])
+        total = self.accelerator.reduce(total, "sum")
+        return {"eval_reward": (total[0] / total[1]).item()}
+
     # ----------------------------------------------------------------------------------- the loop
     def _check_hinge(self, logs: dict[str, float]) -> None:
         """Warn once when no sample of any process was under the hinge threshold for HINGE_PATIENCE updates in a
@@ -740,11 +770,15 @@ class BaseTrainer:
                     os.makedirs(config.output_dir, exist_ok=True)
                 if config.log_with:
                     accelerator.init_trackers(f"diffusers-srpo-{self.method_name}", config=_flat_config(config))
+                if config.eval_steps and self.global_step == 0:
+                    accelerator.log(self.evaluate_held_out(), step=0)  # the base model's score, to compare against
                 self.model.train()
                 for step in self._iterate_steps():
                     logs, stop_requested = self._run_update(step, stop)
                     self.global_step = step + 1
                     logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+                    if config.eval_steps and self.global_step % config.eval_steps == 0:
+                        logs.update(self.evaluate_held_out())
                     if not self.consecutive_skips:  # a skipped update's hinge says nothing about the threshold
                         self._check_hinge(logs)
                     if on_update is not None:

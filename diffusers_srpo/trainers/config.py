@@ -211,6 +211,14 @@ class TrainerConfig:
     )
     validation_steps: int = field(default=50, metadata=_help("Save a validation grid every N updates; 0: never."))
     validation_seed: int = field(default=0, metadata=_help("Seed of the validation noise (fixed across the run)."))
+    eval_prompts: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "Held-out prompts scored every eval_steps updates (and before the first) with the training reward's plain "
+            "base (no SRP words, no reward_template), from fixed noise: logged as eval_reward."
+        ),
+    )
+    eval_steps: int = field(default=0, metadata=_help("Score eval_prompts every N updates; 0: never."))
     max_consecutive_skips: int = field(
         default=5,
         metadata=_help(
@@ -243,6 +251,7 @@ class TrainerConfig:
             "lr_warmup_steps": self.lr_warmup_steps,
             "checkpointing_steps": self.checkpointing_steps,
             "validation_steps": self.validation_steps,
+            "eval_steps": self.eval_steps,
         }
         for name, value in non_negative.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -265,6 +274,8 @@ class TrainerConfig:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if self.mixed_precision not in _MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.eval_steps and not self.eval_prompts:
+            raise ValueError(f"eval_steps={self.eval_steps} needs eval_prompts (held-out prompts), got {self.eval_prompts!r}")
         if self.fsdp and self.mixed_precision == "fp16":
             raise ValueError("fsdp=True with mixed_precision='fp16' is not supported (no sharded loss scaling): use 'bf16'")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
