@@ -162,11 +162,11 @@ TWO_PROCESSES = textwrap.dedent(
     sys.path.insert(0, sys.argv[3])
     from test_model_families import make_trainer
 
-    out, family = sys.argv[1], sys.argv[2]
-    trainer = make_trainer(family, "srpo", out, cpu=True)
+    out, family, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[4])
+    trainer = make_trainer(family, "srpo", out, cpu=True, **overrides)
     trainer.train()
     rank = trainer.accelerator.process_index
-    torch.save(get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model)), os.path.join(out, f"lora-{rank}.pt"))
+    torch.save(get_peft_model_state_dict(trainer.pipe.transformer), os.path.join(out, f"lora-{rank}.pt"))
     prompts = [trainer.prompts[i] for step in range(2) for i in trainer.indices_for_step(step)]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"num_processes": trainer.accelerator.num_processes, "prompts": prompts}, f)
@@ -176,20 +176,25 @@ TWO_PROCESSES = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_processes_train_identical_loras(family, tmp_path):
+def test_two_processes_train_identical_loras_sharded_or_not(family, tmp_path):
+    """DDP: both ranks end with the same LoRA; FSDP (the family's blocks sharded): the same LoRA as DDP."""
     script = tmp_path / "train_two.py"
     script.write_text(TWO_PROCESSES)
-    out = tmp_path / "ddp"
-    port = 29600 + FAMILIES.index(family)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(script), str(out), family, os.path.dirname(os.path.abspath(__file__))]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(r["num_processes"] == 2 for r in ranks) and ranks[0]["prompts"] != ranks[1]["prompts"]
-    weights = [torch.load(out / f"lora-{r}.pt") for r in (0, 1)]
-    assert any(v.abs().max() > 0 for k, v in weights[0].items() if "lora_B" in k), "nothing trained"
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    weights = {}
+    for offset, sharded in enumerate((False, True)):
+        out = tmp_path / ("fsdp" if sharded else "ddp")
+        port = 29600 + 2 * FAMILIES.index(family) + offset
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                   str(script), str(out), family, os.path.dirname(os.path.abspath(__file__)), json.dumps({"fsdp": sharded})]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stderr[-4000:]
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(r["num_processes"] == 2 for r in ranks) and ranks[0]["prompts"] != ranks[1]["prompts"]
+        weights[sharded] = [torch.load(out / f"lora-{r}.pt") for r in (0, 1)]
+        assert any(v.abs().max() > 0 for k, v in weights[sharded][0].items() if "lora_B" in k), "nothing trained"
+        assert all(torch.equal(weights[sharded][0][k], weights[sharded][1][k]) for k in weights[sharded][0])
+    for name, value in weights[False][0].items():
+        torch.testing.assert_close(weights[True][0][name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_negative_prompt_or_guidance_a_family_cannot_take_is_refused_before_training(tmp_path):
