@@ -12,6 +12,7 @@ with images ``[B, 3, H, W]`` in [0, 1] and gradients flowing to the pixels only.
 from .aesthetic import AestheticMLP, AestheticReward
 from .base import CLIP_MEAN, CLIP_STD, CallableReward, CLIPLikeReward, PromptTemplateReward, Reward, clip_preprocess
 from .clip import CLIPReward, HPSv2Reward, PickScoreReward
+from .hpsv3 import HPSv3Reward
 from .registry import REWARD_NAMES, load_reward
 from .srp import DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, SemanticRelativeReward
 
@@ -27,6 +28,7 @@ __all__ = [
     "CLIPReward",
     "CallableReward",
     "HPSv2Reward",
+    "HPSv3Reward",
     "PickScoreReward",
     "PromptTemplateReward",
     "Reward",

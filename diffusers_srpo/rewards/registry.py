@@ -5,6 +5,7 @@ from __future__ import annotations
 from .aesthetic import AestheticReward
 from .base import Reward
 from .clip import CLIPReward, HPSv2Reward, PickScoreReward
+from .hpsv3 import HPSv3Reward
 
 # name -> (loader, whether the part after "name:" is required)
 _LOADERS = {
@@ -12,6 +13,7 @@ _LOADERS = {
     "pickscore": (PickScoreReward.from_pretrained, False),
     "clip": (CLIPReward.from_pretrained, True),
     "aesthetic": (AestheticReward.from_pretrained, True),
+    "hpsv3": (HPSv3Reward.from_pretrained, True),
 }
 REWARD_NAMES = tuple(_LOADERS)
 
@@ -21,7 +23,9 @@ def load_reward(spec: str, **kwargs) -> Reward:
 
     ``hpsv2[:checkpoint]`` (a path, or ``v2.1`` (default) / ``v2.0`` from the hub),
     ``pickscore[:folder_or_hub_id]``, ``clip:name_or_path`` (with ``pretrained=`` for an open_clip
-    architecture name), ``aesthetic:mlp_weights`` (with ``clip=`` for a local CLIP).
+    architecture name), ``aesthetic:mlp_weights`` (with ``clip=`` for a local CLIP), ``hpsv3:checkpoint``
+    (``HPSv3.safetensors`` or a folder holding it, with ``base_model=`` for the local Qwen2-VL-7B-Instruct folder
+    unless the checkpoint lies in it).
     Only the first ``:`` separates, so ``clip:local-dir:/models/clip`` works.
     """
     name, source = check_reward_spec(spec)
