@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FlowTransition", "dpo_log_ratio", "flow_sde_transition"]
+__all__ = ["FlowTransition", "dpo_log_ratio", "flow_sde_transition", "same_std_kl"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -119,5 +119,18 @@ def dpo_log_ratio(
     dtype = _compute_dtype(x_next, policy_mean, reference_mean)
     x_next, policy_mean, reference_mean = x_next.to(dtype), policy_mean.to(dtype), reference_mean.to(dtype)
     per_element = (policy_mean - reference_mean) * (2 * x_next - policy_mean - reference_mean) / (2 * std.to(dtype) ** 2)
+    per_element = per_element.flatten(1)
+    return per_element.sum(1) if reduction == "sum" else per_element.mean(1)
+
+
+def same_std_kl(mean: torch.Tensor, other_mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``KL(N(mean, std^2 I) || N(other_mean, std^2 I))`` per sample ``[B]``: ``(mean - other_mean)^2 / (2 std^2)``
+    per element, summed over the latent (the KL) or its mean per element (``reduction="mean"``, the scale of the
+    per-element log-probabilities). Two steps of the flow SDE from the same state share their std, so this is the
+    KL between the policy's and the reference's Gaussian of one step (GRPO's KL term, SPEC section 5)."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    dtype = _compute_dtype(mean, other_mean)
+    per_element = (mean.to(dtype) - other_mean.to(dtype)) ** 2 / (2 * std.to(dtype) ** 2)
     per_element = per_element.flatten(1)
     return per_element.sum(1) if reduction == "sum" else per_element.mean(1)

@@ -58,6 +58,7 @@ METHOD_SETTINGS = {
     "tailorpo": {"preference_window_end": 0.5},
     "tailorpo-g": {"preference_window_end": 0.5},
     "trajectory-dpo": {"preference_window_end": 0.5},
+    "grpo": {"group_size": 2},  # two trajectories (a group needs two to have a spread), not Flow-GRPO's 24
 }
 
 

@@ -57,7 +57,7 @@ class ForwardRecorder:
 
 # ------------------------------------------------------------------------------------------- registry and config
 def test_every_method_has_a_trainer_and_a_config():
-    assert set(METHODS) == {"srpo", "direct-align", "refl", "draft", "tailorpo", "tailorpo-g", "trajectory-dpo"}
+    assert set(METHODS) == {"srpo", "direct-align", "refl", "draft", "tailorpo", "tailorpo-g", "trajectory-dpo", "grpo"}
     for method, trainer_class in METHODS.items():
         assert trainer_class.config_class(method=method).method == method
     with pytest.raises(ValueError, match="unknown method 'dpo'"):

@@ -1,8 +1,9 @@
 """Trainers: a shared base (accelerate, LoRA, checkpoints, outputs) and one file per method."""
 
 from .base import BaseTrainer, StepOutput
-from .config import DRaFTConfig, ReFLConfig, RewardLossConfig, SRPOConfig, TailorPOConfig, TrainerConfig
+from .config import DRaFTConfig, GRPOConfig, ReFLConfig, RewardLossConfig, SRPOConfig, TailorPOConfig, TrainerConfig
 from .draft import DRaFTTrainer
+from .grpo import GRPOTrainer
 from .refl import ReFLTrainer
 from .srpo import SRPOTrainer
 from .stopping import NonFiniteUpdatesError, TrainingInterrupted, TrainingStopped
@@ -11,7 +12,7 @@ from .tailorpo import TailorPOTrainer
 #: Every training method by name: the trainer that runs it (its config class is ``trainer.config_class``).
 METHODS: dict[str, type[BaseTrainer]] = {
     method: trainer
-    for trainer in (SRPOTrainer, ReFLTrainer, DRaFTTrainer, TailorPOTrainer)
+    for trainer in (SRPOTrainer, ReFLTrainer, DRaFTTrainer, TailorPOTrainer, GRPOTrainer)
     for method in trainer.config_class.methods
 }
 
@@ -28,6 +29,8 @@ __all__ = [
     "BaseTrainer",
     "DRaFTConfig",
     "DRaFTTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
     "NonFiniteUpdatesError",
     "ReFLConfig",
     "ReFLTrainer",

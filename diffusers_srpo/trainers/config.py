@@ -579,3 +579,168 @@ class TailorPOConfig(TrainerConfig):
     def ranked_steps(self) -> list[int]:
         """The rollout step indices that draw a pair."""
         return _steps_in_window(self.rollout_steps, self.preference_window_start, self.preference_window_end)
+
+
+# GRPO (SPEC section 5). Flow-GRPO is github.com/yifan123/flow_grpo; "base.py:N" / "grpo.py:N" / "train_sd3.py:N" name
+# lines of its config/base.py, config/grpo.py and scripts/train_sd3.py at commit ac4c86e (2025-07-18); its FLUX recipe
+# (config/grpo.py, function pickscore_flux) is at commit 54809b5. DanceGRPO is github.com/XueZeyue/DanceGRPO,
+# scripts/finetune/finetune_flux_grpo.sh at commit 22b85ef.
+_ADVANTAGE_STDS = ("group", "global")
+_TIMESTEP_SELECTIONS = ("first", "random")
+_KL_FORMS = ("exact", "flow-grpo")
+# The epsilon under the advantage's std: flow_grpo/stat_tracking.py:27-29 (and train_sd3.py:782).
+GRPO_ADVANTAGE_EPSILON = 1e-4
+# Learning rates when none is given: Flow-GRPO's (base.py:63, a LoRA: train_sd3.py:417-434), and DanceGRPO's FLUX script
+# (finetune_flux_grpo.sh:36, a full fine-tune) for use_lora=False; Flow-GRPO gives none for a full fine-tune.
+GRPO_LORA_LEARNING_RATE = 3e-4
+GRPO_FULL_LEARNING_RATE = 1e-5
+
+
+@dataclass
+class GRPOConfig(TrainerConfig):
+    """Flow-GRPO (Liu et al. 2025) on the flow SDE (SPEC section 5): a group of SDE trajectories per prompt, the reward of
+    each final image made an advantage within its group, and the PPO-clipped importance-ratio loss on the trained steps.
+
+    One update is one optimizer step on the groups of its micro-batches: every prompt of a micro-batch is sampled
+    ``group_size`` times without gradient (states and sampling means kept), scored, and then each trained step is one
+    transformer forward with gradient over the micro-batch's trajectories (``trajectories_per_forward`` at a time).
+    The policy that sampled is the one being trained (one inner epoch), so the ratio is 1 up to rounding and the clip
+    acts only on rounding; Flow-GRPO's two optimizer steps per sampling round are not expressed (see
+    ``diffusers_srpo/trainers/grpo.py``). The reward need not be differentiable.
+    """
+
+    methods: ClassVar[tuple[str, ...]] = ("grpo",)
+
+    method: str = field(default="grpo", metadata=_help("'grpo'."))
+    shared_noise: bool = field(
+        default=False,
+        metadata=_help(
+            "Every group of an update starts from the same noises (member g of each group from noise g, on every "
+            "process); false (the default, as Flow-GRPO): every trajectory of the update has a noise of its own. "
+            "Within a group see shared_group_noise."
+        ),
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata=_help(
+            f"AdamW learning rate; default {GRPO_LORA_LEARNING_RATE} with LoRA (Flow-GRPO, config/base.py:63), "
+            f"{GRPO_FULL_LEARNING_RATE} for a full fine-tune (DanceGRPO's FLUX script)."
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=_help("Gradient-norm clip; 0 disables clipping (Flow-GRPO's 1.0, config/base.py:76).")
+    )
+    rollout_steps: int = field(
+        default=10,
+        metadata=_help(
+            "Steps of the training sampler, the flow SDE along the rollout schedule (Flow-GRPO's GRPO configs: 10, "
+            "config/grpo.py:36, 40 for evaluation; its FLUX recipe: 6)."
+        ),
+    )
+    group_size: int = field(
+        default=24,
+        metadata=_help(
+            "G: trajectories sampled per prompt, all on the prompt's process and micro-batch (Flow-GRPO's "
+            "num_image_per_prompt 24, config/grpo.py:42; 16 and 8 in its 4- and 1-GPU configs)."
+        ),
+    )
+    shared_group_noise: bool = field(
+        default=False,
+        metadata=_help(
+            "The G trajectories of a group start from one noise and part only by the SDE's noise (DanceGRPO's "
+            "--init_same_noise); false: a noise each (Flow-GRPO's same_latent=False)."
+        ),
+    )
+    noise_level: float = field(
+        default=0.7,
+        metadata=_help(
+            "a of the flow SDE: a step's std is a * sqrt(sigma / (1 - sigma)) * sqrt(sigma - sigma_next) (Flow-GRPO's "
+            "0.7, config/base.py:54; its FLUX recipe uses 0.9)."
+        ),
+    )
+    advantage_std: str = field(
+        default="group",
+        metadata=_help(
+            "A = (r - mean of the group) / (std + 1e-4), the std (population) of the group ('group'), or of every reward "
+            "of the update, all processes and micro-batches ('global': Flow-GRPO's global_std, on in its configs, "
+            "config/base.py:52)."
+        ),
+    )
+    adv_clip_max: float = field(
+        default=5.0,
+        metadata=_help("Advantages are clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO's 5, config/base.py:84)."),
+    )
+    clip_range: float = field(
+        default=1e-4,
+        metadata=_help(
+            "PPO clip eps: the loss is max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) (Flow-GRPO's 1e-4, config/base.py:86)."
+        ),
+    )
+    timestep_fraction: float = field(
+        default=0.99,
+        metadata=_help(
+            "The loss takes max(1, int(rollout_steps * fraction)) of the sampler's steps (Flow-GRPO's GRPO configs: "
+            "0.99, config/grpo.py:50, i.e. all but the last step)."
+        ),
+    )
+    timestep_selection: str = field(
+        default="first",
+        metadata=_help(
+            "Which steps: 'first' (the first ones, as Flow-GRPO, scripts/train_sd3.py:864) or 'random' (drawn anew each "
+            "update, the same for every trajectory of the update, as DanceGRPO draws)."
+        ),
+    )
+    beta: float = field(
+        default=0.04,
+        metadata=_help(
+            "Weight of the KL to the reference policy (the base model: the LoRA disabled, or a frozen copy); 0: no KL "
+            "and no reference forward (Flow-GRPO: 0.04, config/grpo.py:52; 0.01 for PickScore; 0 in config/base.py:92 "
+            "and in its FLUX recipe)."
+        ),
+    )
+    kl_form: str = field(
+        default="exact",
+        metadata=_help(
+            "'exact': the KL of the step's two Gaussians per latent element, (mu - mu_ref)^2 / (2 std^2 |dt|) (SPEC "
+            "section 5); 'flow-grpo': Flow-GRPO's code, which divides by 2 std^2 without |dt| (scripts/train_sd3.py:895), "
+            "i.e. |dt| times the exact KL."
+        ),
+    )
+    trajectories_per_forward: int | None = field(
+        default=None,
+        metadata=_help(
+            "Trajectories per transformer forward (sampling, training and decoding alike, so that the sampled and the "
+            "trained log-probabilities agree exactly); default all train_batch_size x group_size at once."
+        ),
+    )
+
+    def __post_init__(self):
+        if self.learning_rate is None:
+            self.learning_rate = GRPO_LORA_LEARNING_RATE if self.use_lora else GRPO_FULL_LEARNING_RATE
+        super().__post_init__()
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size must be an integer >= 2 (advantages compare the members of a group), got {self.group_size!r}")
+        if not self.noise_level > 0:
+            raise ValueError(f"noise_level must be > 0 (0 makes the sampler deterministic: no density), got {self.noise_level!r}")
+        if self.advantage_std not in _ADVANTAGE_STDS:
+            raise ValueError(f"advantage_std must be one of {_ADVANTAGE_STDS}, got {self.advantage_std!r}")
+        if not self.adv_clip_max > 0:
+            raise ValueError(f"adv_clip_max must be > 0, got {self.adv_clip_max!r}")
+        if not 0 <= self.clip_range < 1:
+            raise ValueError(f"clip_range must be in [0, 1), got {self.clip_range!r}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        if self.timestep_selection not in _TIMESTEP_SELECTIONS:
+            raise ValueError(f"timestep_selection must be one of {_TIMESTEP_SELECTIONS}, got {self.timestep_selection!r}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
+        if self.kl_form not in _KL_FORMS:
+            raise ValueError(f"kl_form must be one of {_KL_FORMS}, got {self.kl_form!r}")
+        if self.trajectories_per_forward is not None and self.trajectories_per_forward < 1:
+            raise ValueError(f"trajectories_per_forward must be a positive integer or None, got {self.trajectories_per_forward!r}")
+
+    @property
+    def trained_step_count(self) -> int:
+        """How many sampler steps enter the loss: ``max(1, int(rollout_steps * timestep_fraction))`` (Flow-GRPO's
+        ``int(num_steps * timestep_fraction)``, scripts/train_sd3.py:345, kept at least one)."""
+        return max(1, int(self.rollout_steps * self.timestep_fraction))
