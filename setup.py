@@ -12,7 +12,8 @@ install_requires = [
     "open_clip_torch>=3.0",
     "triton>=3.6; platform_system == 'Linux'",
     "numpy",
-    "Pillow",
+    "Pillow>=10.1",  # ImageFont.load_default(size=...) for the labels of evaluate's grid
+    "tqdm",
     "PyYAML",  # YAML config files of `diffusers-srpo train`
     "matplotlib",  # the demo's reward-curve plot
 ]

@@ -1,4 +1,4 @@
-"""The ``diffusers-srpo`` command line: ``train``, ``sample``, ``demo`` and ``extract-lora``.
+"""The ``diffusers-srpo`` command line: ``train``, ``sample``, ``evaluate``, ``demo`` and ``extract-lora``.
 
 Every option comes from a dataclass field (for ``train``, the config class of ``--method``: ``SRPOConfig`` by
 default), so the help text of a field is its ``--help`` line. Bad command lines stop with one
@@ -106,6 +106,70 @@ class SampleArguments:
     )
     torch_dtype: str = field(default="bfloat16", metadata=_help(f"Weight dtype: {', '.join(DTYPE_NAMES)}."))
     device: str | None = field(default=None, metadata=_help("Device; default cuda when available, else cpu."))
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(
+        default="black-forest-labs/FLUX.1-dev",
+        metadata=_help(
+            "Base pipeline, a hub id or a local folder: FLUX.1, FLUX.2, Qwen-Image or SD3 / SD3.5. The toy world's "
+            "shipped pipeline folder (diffusers_srpo/toyworld/weights/pipeline) also gets the oracle metrics."
+        ),
+    )
+    lora: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "A LoRA (folder, file or hub id) to compare with the base, as PATH[:SCALE] (scale 1.0 by default); repeat "
+            "the option, or list several, for several LoRAs: each is a variant beside the base.",
+            action="extend",
+        ),
+    )
+    prompt_file: str | None = field(default=None, metadata=_help("Prompts from a .txt (one a line) or .jsonl file."))
+    reward: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "Rewards that score every image, as NAME[:SOURCE]: hpsv2[:checkpoint.pt|v2.1|v2.0], "
+            "pickscore[:folder_or_id], clip:name_or_path, aesthetic:mlp_weights; several at once; default hpsv2:v2.1.",
+            action="extend",
+        ),
+    )
+    num_images_per_prompt: int = field(
+        default=1, metadata=_help("Images per prompt and variant, from seeds seed, seed + 1, ...")
+    )
+    seed: int = field(
+        default=0, metadata=_help("First seed; image (prompt, seed) starts from the same noise in every variant.")
+    )
+    height: int = field(default=1024, metadata=_help("Image height in pixels."))
+    width: int = field(default=1024, metadata=_help("Image width in pixels."))
+    num_inference_steps: int = field(default=28, metadata=_help("Sampling steps."))
+    guidance_scale: float | None = field(
+        default=None,
+        metadata=_help(
+            "Distilled guidance (FLUX.1, FLUX.2 dev) or classifier-free guidance scale (SD3, Qwen-Image, FLUX.2 "
+            "klein); default the pipeline's own."
+        ),
+    )
+    negative_prompt: str | None = field(
+        default=None,
+        metadata=_help("Negative prompt of classifier-free guidance (SD3, Qwen-Image, FLUX.2 klein); default ''."),
+    )
+    max_sequence_length: int | None = field(
+        default=None, metadata=_help("Token length of the prompt encoding; default the pipeline's own.")
+    )
+    torch_dtype: str = field(default="bfloat16", metadata=_help(f"Weight dtype: {', '.join(DTYPE_NAMES)}."))
+    batch_size: int = field(default=4, metadata=_help("Images per pipeline call and per reward call."))
+    device: str | None = field(default=None, metadata=_help("Device; default cuda when available, else cpu."))
+    output_dir: str = field(
+        default="evaluation",
+        metadata=_help(
+            "Folder for images/, scores.jsonl, summary.json, summary.md and grid.png; a rerun with the same settings "
+            "resumes there."
+        ),
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_help("Write over an output_dir that holds another run or another evaluation.")
+    )
 
 
 @dataclass
@@ -433,6 +497,123 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- evaluate
+def _load_pipeline_with_loras(model: str, loras: list[tuple[str, float]], dtype, device: str, negative_prompt=None):
+    """The stock pipeline of ``model`` on ``device`` with each LoRA loaded as adapter ``lora0``, ``lora1``, ...; its
+    model adapter; the adapter names. A LoRA that matches no module or does not fit the model is a ``ValueError``."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from .models import get_model_adapter
+
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    adapter = get_model_adapter(pipe, negative_prompt=negative_prompt)
+    names = []
+    shapes = {name: parameter.shape for name, parameter in pipe.transformer.named_parameters()}
+    for index, (path, _) in enumerate(loras):
+        name = f"lora{index}"
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # it logs a failed load before raising it
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except (RuntimeError, ValueError) as error:  # peft's missing modules; torch's shapes, a line per tensor
+            reason = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+            message = f"LoRA {path!r} does not fit {model!r}: {reason} Was it trained for another model?"
+            raise ValueError(message) from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        loaded = {adapter for adapters in pipe.get_list_adapters().values() for adapter in adapters}
+        # diffusers only warns when a LoRA matches no module: a silent no-op is worse than an error here.
+        if name not in loaded:
+            raise ValueError(f"LoRA {path!r} matched no module of {model!r}")
+        _check_weight_shapes(pipe.transformer, shapes, path)
+        names.append(name)
+    return pipe, adapter, names
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import gc
+
+    import torch
+
+    from .evaluation import Evaluation
+    from .prompts import load_prompts
+    from .rewards.registry import check_reward_spec
+
+    options = _dataclass_from(args, EvaluateArguments)
+    try:
+        check_field_values(options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if options.prompt_file is None:
+        raise UsageError("no prompts: pass --prompt_file FILE (a .txt file, one prompt a line, or .jsonl)")
+    try:
+        prompts = load_prompts(options.prompt_file)
+    except (ValueError, OSError) as error:
+        raise UsageError(str(error)) from None
+    counts = ("num_inference_steps", "height", "width", "num_images_per_prompt", "max_sequence_length", "batch_size")
+    for name in counts:
+        if getattr(options, name) is not None and getattr(options, name) <= 0:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(options, name)}")
+    if options.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {options.seed}")
+    reward_specs = options.reward or ["hpsv2:v2.1"]
+    loras = [_parse_lora(spec) for spec in options.lora or []]
+    for what, values in (("--reward", reward_specs), ("--lora", [f"{path}:{scale:g}" for path, scale in loras])):
+        repeated = next((value for index, value in enumerate(values) if value in values[:index]), None)
+        if repeated is not None:
+            raise UsageError(f"{what} {repeated!r} is given twice")
+    try:
+        for spec in reward_specs:
+            check_reward_spec(spec)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    for path, _ in loras:
+        _check_lora_source(path)
+    dtype = _torch_dtype(options.torch_dtype)
+    device = _checked_device(options.device)
+    _check_model_source(options.model, "--model", negative_prompt=options.negative_prompt)
+    # What decides an image beside the model, the prompt, the noise and the LoRA: a resumed run must share it.
+    sampler_names = ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt")
+    sampler = {name: getattr(options, name) for name in (*sampler_names, "max_sequence_length", "torch_dtype")}
+    seeds = range(options.seed, options.seed + options.num_images_per_prompt)
+    run = Evaluation(
+        options.output_dir, options.model, prompts, seeds, loras, reward_specs, sampler, options.batch_size
+    )
+    try:
+        run.check_output_dir(overwrite=options.overwrite_output_dir)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+    pipe = None
+    try:
+        run.check_rewards_load()
+        if run.missing_images():  # a resumed run with every image in place needs no pipeline
+            pipe, adapter, adapter_names = _load_pipeline_with_loras(
+                options.model, loras, dtype, device, options.negative_prompt
+            )
+            call_settings = adapter.pipeline_call_kwargs(options.guidance_scale, options.max_sequence_length)
+    except (TypeError, ValueError, OSError) as error:
+        raise SetupError(" ".join(str(error).split())) from None
+    run.start()
+    rendered = 0
+    if pipe is not None:
+        rendered = run.render(pipe, call_settings, adapter_names)
+        del pipe, adapter  # the rewards come next, one at a time, without the pipeline beside them
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    scored = run.score(device)
+    summary, report = run.write_outputs()
+    print(report)
+    print(
+        f"{len(run.variants)} variants x {summary['images_per_variant']} images, {len(reward_specs)} reward(s): "
+        f"{rendered} images rendered and {scored} scores computed now (the others were there); wrote images/, "
+        f"scores.jsonl, summary.json, summary.md and grid.png to {options.output_dir}"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
     from .toyworld.demo import demo_config, run_demo
@@ -546,6 +727,12 @@ COMMANDS = {
         "works under `accelerate launch`.",
     ),
     "sample": ((SampleArguments,), _sample, "Generate images with a model and optionally LoRAs, with a grid."),
+    "evaluate": (
+        (EvaluateArguments,),
+        _evaluate,
+        "Compare a model with its LoRAs: the same prompts and noise for each, every image scored by every reward; "
+        "means with bootstrap intervals, win rates against the base, a grid; resumable.",
+    ),
     "demo": (
         (DemoArguments,),
         _demo,

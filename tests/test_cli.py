@@ -101,7 +101,7 @@ def test_demo_writes_lora_grids_curves_and_metrics(tmp_path):
 
 def test_help_lists_every_option_with_its_help():
     _, subparsers = build_parser()
-    assert set(subparsers) == set(COMMANDS) == {"train", "sample", "demo", "extract-lora"}
+    assert set(subparsers) == set(COMMANDS) == {"train", "sample", "demo", "extract-lora", "evaluate"}
     for name, subparser in subparsers.items():
         for action in subparser._actions:
             if action.dest != "help":
