@@ -14,17 +14,30 @@ TailorPO's ranked pairs) and ``flops_gradient`` (forwards with gradient, backwar
 ``fits_gb`` (which cards hold it) and ``flop_floor_s`` (the FLOPs at the bf16 matrix rate an H200 reached here).
 The grid runs each point in a fresh process: every method with LoRA and full fine-tune, checkpointing on and off,
 at 720 px batch 1; and SRPO's LoRA at 512 / 720 / 1024 px, batch 1 and 2.
+
+Sharded over several GPUs (FSDP2, the trainer's ``fsdp=True``): ``--fsdp-processes N`` simulates the update of one
+of N processes (rank 0 of a fake process group: ``diffusers_srpo.simulation.simulated_process_group``), and the
+peak is **per GPU**: the local shards of the transformer's weights, gradients and AdamW state, plus FSDP's buffers
+(``fsdp_buffers`` in the split: a block's unsharded parameters while it runs, all-gather and reduce-scatter
+buffers); the VAE and the reward are whole on every GPU. ``host_transformer_gib`` is the user's whole transformer,
+which each process keeps in host memory under FSDP (fp32 in a full fine-tune).
+
+    python benchmarks/bench_scale.py --model flux.1-dev --method srpo --lora-rank 0 --fsdp-processes 8 --json OUT.json
+    python benchmarks/bench_scale.py --method srpo --lora-rank 0 --fsdp-processes 8 32 --json OUT.json  # a table
+    python benchmarks/bench_scale.py --fsdp-processes 8 32     # SRPO full and LoRA on each: bench_scale_fsdp.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -41,36 +54,59 @@ CARD_USABLE_GIB = {24: 23.0, 48: 46.0, 80: 78.0, 141: 138.0}
 GRID_METHODS = ("srpo", "direct-align", "refl", "draft-1", "draft-full", "tailorpo")
 
 
+#: The tracker's categories of FSDP's own buffers (``diffusers_srpo.simulation.LiveBytes``).
+FSDP_BUFFER_CATEGORIES = ("unsharded weights", "fsdp comm buffers")
+
+
+def fsdp_processes(args) -> int | None:
+    """The number of processes the point's transformer is sharded over (``None``: not sharded)."""
+    processes = getattr(args, "fsdp_processes", None)
+    return processes[0] if processes else None
+
+
 def trainer_config(args, output_dir: str):
     """The trainer settings of one point, on the CPU: the same simulated device wherever this runs."""
-    return scale_models.trainer_config(args, output_dir, max_train_steps=1, cpu=True)
+    return scale_models.trainer_config(args, output_dir, max_train_steps=1, cpu=True, fsdp=fsdp_processes(args) is not None)
 
 
 def simulate_point(args) -> dict:
-    """One update of one configuration, simulated; the JSON object described in the module docstring."""
-    from diffusers_srpo.simulation import simulate_update, simulated_tensors, simulated_trainer
+    """One update of one configuration, simulated; the JSON object described in the module docstring. Sharded
+    (``--fsdp-processes N``): the update of rank 0 of N, in a fake process group."""
+    from diffusers_srpo.simulation import simulate_update, simulated_process_group, simulated_tensors, simulated_trainer
     from diffusers_srpo.trainers import trainer_class_for
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as output_dir, simulated_tensors():
+    processes = fsdp_processes(args)
+    group = simulated_process_group(processes) if processes else contextlib.nullcontext()
+    with group, tempfile.TemporaryDirectory(prefix="bench-scale-") as output_dir, simulated_tensors(), warnings.catch_warnings():
+        # What the trainer's train() silences under FSDP (FLUX's blocks return views); the update runs without it.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         config = trainer_config(args, output_dir)  # checked before anything is built
         pipe = build_pipeline(args.model, dtype=torch.bfloat16)
         reward = build_reward(args.model, dtype=DTYPES[args.reward_dtype])
         trainer = simulated_trainer(trainer_class_for(config.method), pipe, reward=reward, prompts=PROMPTS, config=config)
         cost = simulate_update(trainer)
+        # Under FSDP the user's transformer stays whole where it was, in host memory, in every process.
+        host_bytes = sum(t.numel() * t.element_size() for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()])
     peak_gib = cost.peak_bytes / GIB
+    split = {
+        "frozen_weights": cost.frozen_weight_bytes / GIB,
+        "training_state": cost.training_state_bytes / GIB,
+        "vae_and_reward": cost.vae_and_reward_bytes / GIB,
+        "activations": cost.activation_bytes / GIB,
+    }
+    sharded = {}
+    if processes:
+        split["fsdp_buffers"] = sum(cost.peak_by_category.get(key, 0) for key in FSDP_BUFFER_CATEGORIES) / GIB
+        sharded = {"fsdp_processes": processes, "per_gpu": True, "host_transformer_gib": host_bytes / GIB}
     return {
         "simulated": True,
         **scale_models.point_fields(args),
+        **sharded,
         "params": cost.transformer_params,
         "trainable_params": cost.trainable_params,
         "peak_gib": peak_gib,
-        "peak_split_gib": {
-            "frozen_weights": cost.frozen_weight_bytes / GIB,
-            "training_state": cost.training_state_bytes / GIB,
-            "vae_and_reward": cost.vae_and_reward_bytes / GIB,
-            "activations": cost.activation_bytes / GIB,
-        },
+        "peak_split_gib": split,
         "peak_by_category_gib": {key: value / GIB for key, value in cost.peak_by_category.items()},
         "flops": cost.flops,
         "flops_rollout": cost.sampling_flops,
@@ -97,23 +133,42 @@ def grid_points(model: str) -> list[dict]:
     return points
 
 
+def fsdp_points(args) -> list[dict]:
+    """Sharded points: with ``--method``, that point on each ``--fsdp-processes``; without, SRPO's full fine-tune and
+    LoRA (rank 32) at the model's resolution, batch 1, checkpointing on, on each."""
+    if args.method is not None:
+        flags = {key: getattr(args, key) for key in ("method", "lora_rank", "checkpointing", "resolution", "batch_size", "rollout_steps", "max_sequence_length")}
+        return [{**flags, "fsdp_processes": processes} for processes in args.fsdp_processes]
+    resolution = DEFAULTS[args.model].resolution
+    return [
+        {"method": "srpo", "lora_rank": rank, "checkpointing": 1, "resolution": resolution, "batch_size": 1, "fsdp_processes": processes}
+        for rank in (0, 32) for processes in args.fsdp_processes
+    ]  # fmt: skip
+
+
 def markdown_table(results: list[dict]) -> str:
+    """The results as a markdown table; with sharded points, two more columns: the GPUs (processes) and FSDP's
+    buffers, and the peak and its split are per GPU."""
+    sharded = any(r.get("fsdp_processes") for r in results)
     cards = " | ".join(f"{size} GB" for size in CARD_USABLE_GIB)
     lines = [
-        "| method | train | ckpt | px | batch | peak GiB | frozen | training state | VAE + reward | activations | "
-        f"TFLOP rollout | TFLOP gradient | floor s | {cards} |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---|" * len(CARD_USABLE_GIB),
+        f"| method | train | {'GPUs | ' if sharded else ''}ckpt | px | batch | peak GiB | frozen | training state | "
+        f"VAE + reward | activations | {'FSDP buffers | ' if sharded else ''}TFLOP rollout | TFLOP gradient | floor s | {cards} |",
+        f"|---|---|{'---:|' if sharded else ''}---|---:|---:|---:|---:|---:|---:|---:|{'---:|' if sharded else ''}---:|---:|---:|"
+        + "---|" * len(CARD_USABLE_GIB),
     ]
     for r in results:
+        gpus = f"{r.get('fsdp_processes') or 1} | " if sharded else ""
         if "error" in r:
-            lines.append(f"| {r['method']} | {_train(r)} | {_on(r)} | {r['resolution']} | {r['batch_size']} | failed: {r['error']} |")
+            lines.append(f"| {r['method']} | {_train(r)} | {gpus}{_on(r)} | {r['resolution']} | {r['batch_size']} | failed: {r['error']} |")
             continue
         split = r["peak_split_gib"]
+        buffers = f"{split.get('fsdp_buffers', 0.0):.1f} | " if sharded else ""
         fits = " | ".join("yes" if r["fits_gb"][str(size)] else "no" for size in CARD_USABLE_GIB)
         lines.append(
-            f"| {r['method']} | {_train(r)} | {_on(r)} | {r['resolution']} | {r['batch_size']} | {r['peak_gib']:.1f} | "
+            f"| {r['method']} | {_train(r)} | {gpus}{_on(r)} | {r['resolution']} | {r['batch_size']} | {r['peak_gib']:.1f} | "
             f"{split['frozen_weights']:.1f} | {split['training_state']:.1f} | {split['vae_and_reward']:.1f} | "
-            f"{split['activations']:.1f} | {r['flops_rollout'] / 1e12:.0f} | {r['flops_gradient'] / 1e12:.0f} | "
+            f"{split['activations']:.1f} | {buffers}{r['flops_rollout'] / 1e12:.0f} | {r['flops_gradient'] / 1e12:.0f} | "
             f"{r['flop_floor_s']:.1f} | {fits} |"
         )
     return "\n".join(lines)
@@ -127,7 +182,7 @@ def _on(result: dict) -> str:
     return "on" if result["checkpointing"] else "off"
 
 
-def run_grid(args) -> int:
+def run_grid(args, points: list[dict]) -> int:
     """Each point in a fresh process; the JSON and the table are rewritten after every point, so that a grid stopped
     early keeps the points it finished."""
     results = []
@@ -137,7 +192,12 @@ def run_grid(args) -> int:
         f"One simulated update of {args.model} (bf16 weights, bf16 autocast, reward in {args.reward_dtype}); fits: peak "
         f"under the card's usable GiB ({CARD_USABLE_GIB}); floor: the FLOPs at {H200_MEASURED_FLOPS / 1e12:.0f} TFLOP/s."
     )
-    for point in grid_points(args.model):
+    if any(point.get("fsdp_processes") for point in points):
+        header += (
+            " GPUs: the transformer sharded over that many (FSDP2, rank 0 of a fake process group); peak and split per "
+            "GPU; FSDP buffers: unsharded parameters of the running blocks, all-gather and reduce-scatter buffers."
+        )
+    for point in points:
         command = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--reward-dtype", args.reward_dtype]
         for key, value in point.items():
             command += [f"--{key.replace('_', '-')}", str(value)]
@@ -173,7 +233,15 @@ def parse_args(argv=None):
     parser.add_argument("--lora-rank", type=int, default=32, help="LoRA rank; 0 trains the full transformer (AdamW, fp32 master weights).")
     parser.add_argument("--checkpointing", type=int, choices=(0, 1), default=1, help="Activation checkpointing of the transformer and the VAE.")
     parser.add_argument("--reward-dtype", choices=list(DTYPES), default="float32", help="Reward weights (diffusers-srpo train loads float32).")
-    parser.add_argument("--json", default=None, help="Where the JSON goes (grid default: benchmarks/results/bench_scale.json).")
+    parser.add_argument(
+        "--fsdp-processes", type=int, nargs="+", metavar="N",
+        help="Shard the transformer over N processes (FSDP2) and report one GPU's memory (rank 0 of a fake process "
+        "group); several N: one point each, a table. Without --method: SRPO full and LoRA on each N.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--json", default=None,
+        help="Where the JSON goes (grid default: benchmarks/results/bench_scale.json; sharded: bench_scale_fsdp.json).",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     defaults = DEFAULTS[args.model]
     args.resolution = args.resolution or defaults.resolution
@@ -184,22 +252,31 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.lora_rank < 0:
         parser.error(f"--lora-rank must be 0 (full fine-tune) or positive, got {args.lora_rank}")
+    for processes in args.fsdp_processes or ():
+        if processes < 2:
+            parser.error(f"--fsdp-processes shards over at least 2 processes, got {processes}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if args.fsdp_processes and (args.method is None or len(args.fsdp_processes) > 1):
+        args.json = args.json or os.path.join(results, "bench_scale_fsdp.json")
+        return run_grid(args, fsdp_points(args))
     if args.method is None:
-        args.json = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_scale.json")
-        return run_grid(args)
+        args.json = args.json or os.path.join(results, "bench_scale.json")
+        return run_grid(args, grid_points(args.model))
     try:
         result = simulate_point(args)
     except ValueError as error:  # a setting the trainer refuses, e.g. a resolution that is not a multiple of 16
         print(f"bench_scale: {error}", file=sys.stderr)
         return 2
+    sharded = f" FSDP over {result['fsdp_processes']} GPUs" if result.get("fsdp_processes") else ""
     print(
-        f"{args.model} {args.method} {_train(result)} checkpointing {_on(result)} {args.resolution}px batch "
-        f"{args.batch_size}: {result['params'] / 1e9:.2f}B params, peak {result['peak_gib']:.2f} GiB (simulated), "
+        f"{args.model} {args.method} {_train(result)}{sharded} checkpointing {_on(result)} {args.resolution}px batch "
+        f"{args.batch_size}: {result['params'] / 1e9:.2f}B params, peak {result['peak_gib']:.2f} GiB"
+        f"{' per GPU' if sharded else ''} (simulated), "
         f"{result['flops'] / 1e12:.1f} TFLOP ({result['flops_rollout'] / 1e12:.1f} rollout), {result['wall_s']:.0f} s"
     )
     if args.json:

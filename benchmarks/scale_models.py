@@ -110,9 +110,10 @@ def build_reward(name: str, dtype: torch.dtype | None = None):
     return reward if dtype is None else reward.to(dtype=dtype)
 
 
-def trainer_config(args, output_dir: str, max_train_steps: int = 1, cpu: bool = False):
+def trainer_config(args, output_dir: str, max_train_steps: int = 1, cpu: bool = False, fsdp: bool = False):
     """The trainer settings of one benchmark point (the flags both scripts take): the method's defaults plus the
-    point's size, precision and memory options, for ``max_train_steps`` updates."""
+    point's size, precision and memory options, for ``max_train_steps`` updates; ``fsdp`` shards the transformer over
+    the run's processes."""
     from diffusers_srpo.trainers import trainer_class_for
 
     method, overrides = METHOD_VARIANTS[args.method]
@@ -134,6 +135,7 @@ def trainer_config(args, output_dir: str, max_train_steps: int = 1, cpu: bool = 
         checkpointing_steps=0,
         validation_steps=0,
         cpu=cpu,
+        fsdp=fsdp,
     )
 
 

@@ -24,6 +24,14 @@ cuBLAS workspaces or fragmentation. Autocast follows the CPU's policy (CUDA auto
 which keeps a few normalisations in bf16 that CUDA would run in fp32. FLOPs count matrix products, convolutions
 and attention (torch's FLOP formulas), recomputation under activation checkpointing included.
 
+Sharded updates (FSDP2): inside :func:`simulated_process_group`, this process is rank 0 of ``N`` processes whose
+collectives do nothing (torch's fake process group), so that a trainer with ``fsdp=True`` really shards its
+transformer (``fully_shard``: each parameter a DTensor holding this rank's shard) and :func:`simulate_update` counts
+what one GPU holds: the local shards of the weights, gradients and optimizer state, FSDP's unsharded parameters
+while a block runs (``"unsharded weights"``) and its all-gather and reduce-scatter buffers (``"fsdp comm buffers"``).
+The collectives' own buffers (NCCL's, outside the caching allocator) are not counted, and neither is anything of
+the other ranks.
+
 FLOPs are counted by :class:`UpdateFlopCounter`, torch's ``FlopCounterMode`` without its per-module attribution:
 that attribution's ``ModuleTracker`` registers gradient hooks on the tensors of every module call, the calls that
 activation checkpointing recomputes during backward included, and those hooks never fire and keep the recomputed
@@ -34,6 +42,10 @@ peak larger than an unchecked one, on real tensors as on fake ones.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import sys
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,22 +57,77 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["REAL_NUMEL_LIMIT", "LiveBytes", "RepeatedCallReplay", "UpdateCost", "UpdateFlopCounter", "base_parameter_count", "prepare_steady_update", "simulate_update", "simulated_tensors", "simulated_trainer"]
+__all__ = ["REAL_NUMEL_LIMIT", "LiveBytes", "RepeatedCallReplay", "UpdateCost", "UpdateFlopCounter", "base_parameter_count", "prepare_steady_update", "simulate_update", "simulated_process_group", "simulated_tensors", "simulated_trainer"]
 
 #: Factories of at most this many elements run for real inside :func:`simulated_tensors` (noise, ids, schedules).
 REAL_NUMEL_LIMIT = 2**24
 _aten = torch.ops.aten
 
+# Where torch.distributed builds a device mesh's tensor of ranks (see _RealWhereNoWeightTouched).
+_DEVICE_MESH_MODULES = ("torch.distributed.device_mesh", "torch.distributed._mesh_layout")
+_FSDP_COLLECTIVES = "torch.distributed.fsdp._fully_shard._fsdp_collectives"
+_FSDP_PARAM = "torch.distributed.fsdp._fully_shard._fsdp_param"
+
+
+def _dtensor_class() -> type | None:
+    """DTensor's class, once ``torch.distributed.tensor`` is imported (no DTensor exists before); else ``None``."""
+    module = sys.modules.get("torch.distributed.tensor._api")
+    return None if module is None else module.DTensor
+
+
+def _has_dtensor(types) -> bool:
+    """Whether a DTensor is among the tensor types of a dispatched op."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(issubclass(t, dtensor) for t in types)
+
+
+def _local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, the tensor this process holds (its own storage is a wrapper of the global size, which
+    no device holds); any other tensor itself."""
+    dtensor = _dtensor_class()
+    return tensor._local_tensor if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+def _distributed_caller(frame) -> tuple[str, str] | None:
+    """Module and function of the ``torch.distributed`` code that called the op being dispatched, or ``None`` where
+    the op comes from elsewhere (a model, the trainer, accelerate).
+
+    ``frame`` is the ``__torch_dispatch__`` asking. The caller is the nearest frame above it that is neither a
+    mode's ``__torch_dispatch__`` nor torch's own plumbing (``torch.*`` outside ``torch.distributed``: op overloads,
+    decompositions, ``nn.functional``, autograd, checkpointing), so that a model's op under checkpointing or
+    autograd is the model's, and FSDP's or DTensor's own ops are theirs. The function is the nearest one with a name
+    (a comprehension is a frame of its own before Python 3.12).
+    """
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("torch.distributed."):
+            while frame.f_code.co_name.startswith("<") and frame.f_back is not None and frame.f_back.f_globals is frame.f_globals:
+                frame = frame.f_back
+            return module, frame.f_code.co_name
+        if frame.f_code.co_name != "__torch_dispatch__" and module != "torch" and not module.startswith("torch."):
+            return None
+        frame = frame.f_back
+    return None
+
 
 class _RealWhereNoWeightTouched(TorchDispatchMode):
     """Above a ``FakeTensorMode``: ops of real tensors only run for real; fake scalar reads get a stand-in value;
     small factories run for real while ``real_factories`` (during the update, never while models are built: their
-    weights start as factories too)."""
+    weights start as factories too).
+
+    Under a (fake) process group: a DTensor op is left to DTensor, whose ops on the local shards then come through
+    here; a factory called by ``torch.distributed`` stays fake whatever its size (FSDP's all-gather and reduce-scatter
+    buffers and unsharded parameters, DTensor's global-shape propagation tensors: weights and gradients, not noise),
+    except a device mesh's tensor of ranks, which is always real."""
 
     real_factories = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _has_dtensor(types):
+            # A DTensor is no FakeTensor: below, its op would pass for one of real tensors and run with fake mode
+            # unset. DTensor turns it into the ops of the local shards (fake tensors), which come back through here.
+            return NotImplemented
         tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         if any(isinstance(x, FakeTensor) for x in tensors):
             if func is _aten._local_scalar_dense.default:
@@ -70,9 +137,16 @@ class _RealWhereNoWeightTouched(TorchDispatchMode):
         if tensors:
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
-        # A factory: its fake result tells the size before anything is allocated.
+        # A factory. A device mesh finds this rank's coordinates in its tensor of ranks with nonzero(), which a fake
+        # tensor cannot answer (init_device_mesh inside fake mode fails with DynamicOutputShapeException): the mesh's
+        # own factories (world-size integers) run for real, always. Any other factory of torch.distributed stays fake.
+        caller = _distributed_caller(sys._getframe())
+        if caller is not None and caller[0].startswith(_DEVICE_MESH_MODULES):
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        # Its fake result tells the size before anything is allocated.
         fake = func(*args, **kwargs)
-        if self.real_factories and all(x.numel() <= REAL_NUMEL_LIMIT for x in tree_leaves(fake) if isinstance(x, torch.Tensor)):
+        if self.real_factories and caller is None and all(x.numel() <= REAL_NUMEL_LIMIT for x in tree_leaves(fake) if isinstance(x, torch.Tensor)):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
         return fake
@@ -111,6 +185,63 @@ def simulated_tensors() -> Iterator[FakeTensorMode]:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode, _fake_parameters_convertible(fake_mode), _RealWhereNoWeightTouched():
         yield fake_mode
+
+
+@contextlib.contextmanager
+def simulated_process_group(world_size: int) -> Iterator[None]:
+    """Inside, this process is rank 0 of ``world_size`` processes, alone: torch's fake process group (collectives
+    do nothing, no other process exists), which accelerate takes for its own. A trainer built inside with
+    ``fsdp=True`` and ``cpu=True`` shards its transformer over ``world_size`` GPUs, and :func:`simulate_update` counts
+    one GPU's memory (rank 0's: every rank holds the same shares).
+
+    Enter it before :func:`simulated_tensors` (accelerate's state is made here). It refuses a process that already
+    has a process group. On exit the process group is destroyed, and accelerate's shared state, the launcher's
+    environment variables and torch's thread count are as they were: a process can simulate several sizes.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialized in this process: simulate in a fresh one")
+    # What a launcher sets and accelerate reads (rank 0 of world_size on one machine).
+    environment = {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+    }  # fmt: skip
+    saved_environment = {key: os.environ.get(key) for key in environment}
+    saved_states = [(state, dict(state._shared_state)) for state in (PartialState, AcceleratorState, GradientState)]
+    threads = torch.get_num_threads()
+    for state, _ in saved_states:
+        state._shared_state.clear()
+    os.environ.update(environment)
+    try:
+        dist.init_process_group("fake", rank=0, world_size=world_size, store=dist.HashStore())
+        try:
+            with warnings.catch_warnings():
+                # accelerate sets torch's threads to the cores / world_size of a multi-CPU run (and warns): the
+                # simulation is one process, which keeps its threads (set back below).
+                warnings.filterwarnings("ignore", message=r"OMP_NUM_THREADS/MKL_NUM_THREADS unset")
+                state = PartialState(cpu=True)
+            torch.set_num_threads(threads)
+            # accelerate's multi-CPU device is cpu:<local rank>. A real CPU tensor drops the index, a fake one keeps it
+            # and then refuses to meet a "cpu" one (FakeTensorDeviceMismatchError: cpu:0 and cpu): plain "cpu", as
+            # the trainer's Accelerator (which shares this state) gives a single process.
+            state.device = torch.device("cpu")
+            yield
+        finally:
+            dist.destroy_process_group()
+    finally:
+        torch.set_num_threads(threads)
+        for state, saved in saved_states:
+            state._shared_state.clear()
+            state._shared_state.update(saved)
+        for key, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -306,7 +437,8 @@ class UpdateCost:
     #: Parameters of the transformer without the LoRA, and the trained ones (the LoRA's, or all in a full fine-tune).
     transformer_params: int
     trainable_params: int
-    #: The tracker's categories at the peak (frozen weights, trained weights, gradients, optimizer state, ...).
+    #: The tracker's categories at the peak (frozen weights, trained weights, gradients, optimizer state, ...; under
+    #: FSDP one GPU's shares, and FSDP's "unsharded weights" and "fsdp comm buffers").
     peak_by_category: dict[str, int] = field(default_factory=dict)
     #: Transformer calls replayed rather than simulated (:class:`RepeatedCallReplay`).
     replayed_calls: int = 0
@@ -352,6 +484,12 @@ class LiveBytes(TorchDispatchMode):
     are counted once :meth:`track` names them. New storages are ``"activations"`` (activations, temporaries,
     latents) unless :meth:`track` files them elsewhere, as the gradients' hook does. (torch's ``MemTracker`` does the
     same, but refuses a root module called more than once per update, as the rollout calls the transformer.)
+
+    Sharded tensors (FSDP2, under :func:`simulated_process_group`) are counted as one GPU holds them: a DTensor by its
+    local shard, DTensor ops by the ops on the local shards they turn into, storages that FSDP frees and re-allocates
+    in place by their size (``UntypedStorage.resize_``), nothing of DTensor's sharding propagation, and FSDP's
+    buffers in their own categories: ``"unsharded weights"`` (a block's parameters, all-gathered while it runs) and
+    ``"fsdp comm buffers"`` (all-gather and reduce-scatter buffers; a reduce-scatter output becomes ``"gradients"``).
     """
 
     def __init__(self):
@@ -364,10 +502,18 @@ class LiveBytes(TorchDispatchMode):
         self.allocations = 0
         #: The number of the last allocation before the peak (of the current :meth:`rise` stretch, inside one).
         self.peak_allocation = 0
+        # Whether a process group was initialized when the tracker was entered: FSDP's buffers are looked for then.
+        self._distributed = False
+        # Inside DTensor's sharding propagation (a depth): nothing is counted.
+        self._propagating = 0
+        self._restore: list[tuple[type, str, object]] = []
 
     def track(self, tensor: torch.Tensor, category: str) -> None:
-        """Count ``tensor``'s storage under ``category`` (moving it there if it is counted elsewhere)."""
-        storage = tensor.untyped_storage()
+        """Count ``tensor``'s storage under ``category`` (moving it there if it is counted elsewhere); a DTensor's, its
+        local shard's."""
+        self._track_storage(_local_shard(tensor).untyped_storage(), category)
+
+    def _track_storage(self, storage: torch.UntypedStorage, category: str) -> None:
         key = storage._cdata
         if key in self._live:
             old_category, size, number = self._live[key]
@@ -393,11 +539,98 @@ class LiveBytes(TorchDispatchMode):
             self.peak_allocation = self.allocations
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _has_dtensor(types):
+            # What a GPU allocates are the ops on the local shards that DTensor turns this one into: they come back
+            # through here (a DTensor's own storage is a wrapper of the global size, which no device holds).
+            return NotImplemented
+        if self._propagating:
+            return func(*args, **(kwargs or {}))
+        if func is _WAIT_TENSOR and isinstance(args[0], FakeTensor):
+            # A functional collective's wait returns its input; the fake kernel returns a new tensor (torch's
+            # MemTracker makes the same exception).
+            return args[0]
         out = func(*args, **(kwargs or {}))
+        category = None
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self._live:
-                self.track(tensor, "activations")
+                if category is None:
+                    category = _fsdp_category(_distributed_caller(sys._getframe())) if self._distributed else "activations"
+                self.track(tensor, category)
         return out
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self._restore = []
+        # FSDP frees a block's unsharded parameters by resizing their storage to 0 bytes and allocates them again by
+        # resizing it back (UntypedStorage.resize_), which no dispatch mode sees: the sizes are followed here (torch's
+        # MemTracker wraps resize_ likewise).
+        resize = torch.UntypedStorage.resize_
+
+        @functools.wraps(resize)
+        def resize_(storage, size):
+            out = resize(storage, size)
+            self._resized(storage, sys._getframe(1))
+            return out
+
+        self._replace(torch.UntypedStorage, "resize_", resize_)
+        # DTensor finds the global shape of an op's result by running the op on empty global-shape tensors in the
+        # active fake mode (ShardingPropagator._propagate_tensor_meta_non_cached), ours: no device holds them (for
+        # clip_grad_norm_'s foreach ops that would be the whole model's gradients at once). Not counted.
+        propagation = sys.modules.get("torch.distributed.tensor._sharding_prop")  # no DTensor exists before
+        if propagation is not None:
+            propagator = propagation.ShardingPropagator
+            propagate = propagator._propagate_tensor_meta_non_cached
+
+            @functools.wraps(propagate)
+            def propagate_uncounted(*args, **kwargs):
+                self._propagating += 1
+                try:
+                    return propagate(*args, **kwargs)
+                finally:
+                    self._propagating -= 1
+
+            self._replace(propagator, "_propagate_tensor_meta_non_cached", propagate_uncounted)
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._put_back()
+            raise
+
+    def __exit__(self, *exc_info):
+        try:
+            return super().__exit__(*exc_info)
+        finally:
+            self._put_back()
+
+    def _replace(self, owner: type, name: str, value) -> None:
+        """Set ``owner.name`` while the tracker is entered (the class's own attribute, or none, again on exit)."""
+        self._restore.append((owner, name, owner.__dict__.get(name, _INHERITED)))
+        setattr(owner, name, value)
+
+    def _put_back(self) -> None:
+        while self._restore:
+            owner, name, value = self._restore.pop()
+            if value is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+    def _resized(self, storage: torch.UntypedStorage, caller) -> None:
+        """Follow a storage resized in place: a counted one changes size; one not counted yet (made before the
+        tracker, by FSDP) is counted from its new size on."""
+        key = storage._cdata
+        if key not in self._live:
+            if storage.nbytes():
+                module = caller.f_globals.get("__name__", "") if caller is not None else ""
+                self._track_storage(storage, "unsharded weights" if module == _FSDP_PARAM else "activations")
+            return
+        category, old, number = self._live[key]
+        new = storage.nbytes()
+        self._live[key] = (category, new, number)
+        self.current[category] += new - old
+        self._update_peak()
 
     @contextlib.contextmanager
     def rise(self) -> Iterator[Stretch]:
@@ -428,6 +661,26 @@ class LiveBytes(TorchDispatchMode):
         at_peak = {key: self.current.get(key, 0) + rise.get(key, 0) for key in {*self.current, *rise}}
         if sum(at_peak.values()) > self.peak_total:
             self.peak_total, self.peak = sum(at_peak.values()), at_peak
+
+
+def _fsdp_category(caller: tuple[str, str] | None) -> str:
+    """The category of a new storage by the code that made it: FSDP's all-gather outputs (a block's unsharded
+    parameters, ``FSDPParam.init_all_gather_outputs``) and its collectives' buffers; anything else an activation."""
+    if caller is not None:
+        module, function = caller
+        if module == _FSDP_COLLECTIVES:
+            return "fsdp comm buffers"
+        if module == _FSDP_PARAM and function == "init_all_gather_outputs":
+            return "unsharded weights"
+    return "activations"
+
+
+_INHERITED = object()  # LiveBytes._replace: an attribute that the class inherits
+
+try:
+    _WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
+except (AttributeError, RuntimeError):  # torch without distributed
+    _WAIT_TENSOR = None
 
 
 @dataclass
@@ -467,7 +720,8 @@ def simulate_update(trainer, step: int = 0, replay_repeated_calls: bool = True) 
     """Run update ``step`` of ``trainer`` (built inside :func:`simulated_tensors`) and count its memory and FLOPs.
 
     ``replay_repeated_calls``: simulate each distinct no-grad call of the transformer once and replay its repeats
-    (:class:`RepeatedCallReplay`; the same numbers, in a fraction of the time)."""
+    (:class:`RepeatedCallReplay`; the same numbers, in a fraction of the time). A trainer with ``fsdp=True`` built
+    inside :func:`simulated_process_group`: the memory of one GPU (rank 0), the FLOPs of one process."""
     from .trainers.stopping import StopRequest
 
     prepare_steady_update(trainer)
