@@ -43,17 +43,15 @@ What differs from Flow-GRPO's scripts (``scripts/train_sd3.py``, ``scripts/train
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..flow_sde import dpo_log_ratio, flow_sde_transition, same_std_kl
-from . import sharding
-from .base import BaseTrainer, StepOutput, _mix_seed
+from ..flow_sde import dpo_log_ratio, same_std_kl
+from .base import StepOutput, _mix_seed
 from .config import GRPO_ADVANTAGE_EPSILON, GRPOConfig
+from .sde_policy import SDEPolicyTrainer
 
 __all__ = ["GRPOTrainer", "GroupRollout", "SampledStep", "group_advantages", "grpo_policy_loss"]
 
@@ -119,7 +117,7 @@ class GroupRollout:
     stats: dict[str, list[float]] = field(default_factory=dict)
 
 
-class GRPOTrainer(BaseTrainer):
+class GRPOTrainer(SDEPolicyTrainer):
     """Flow-GRPO on a flow pipeline; ``train()`` writes a LoRA for ``load_lora_weights`` (or the full transformer).
 
     ``reward`` is any reward ``reward(images, prompts) -> Tensor[B]`` (written with ``reward_template``); it is only
@@ -134,14 +132,8 @@ class GRPOTrainer(BaseTrainer):
     def setup_method(self) -> None:
         self.reference_model = None
         self._pending: tuple[int, list[GroupRollout | None]] | None = None
-        if not self.config.use_lora and self.config.beta > 0:
-            # A frozen copy of the base before accelerate wraps it (as TailorPO's), so that policy and reference agree
-            # exactly at the start; it costs a second transformer in memory (sharded under FSDP). Without KL, none.
-            if self.config.fsdp:
-                reference = sharding.shard_copy(self.pipe.transformer, self.accelerator.device, self.fsdp_param_dtype)
-            else:
-                reference = copy.deepcopy(self.pipe.transformer)
-            self.reference_model = reference.requires_grad_(False).eval()
+        if not self.config.use_lora and self.config.beta > 0:  # without KL, no reference is needed
+            self.reference_model = self.frozen_reference()
 
     def model_card_details(self) -> dict[str, str]:
         config = self.config
@@ -159,33 +151,6 @@ class GRPOTrainer(BaseTrainer):
         return details
 
     # ----------------------------------------------------------------------------------- the policies
-    @contextlib.contextmanager
-    def reference_policy(self) -> Iterator[torch.nn.Module]:
-        """The reference model: the prepared model with its LoRA disabled, or the frozen copy of a full fine-tune."""
-        if self.reference_model is not None:
-            yield self.reference_model
-            return
-        transformer = self.accelerator.unwrap_model(self.model)
-        transformer.disable_adapters()
-        try:
-            yield self.model
-        finally:
-            transformer.enable_adapters()
-
-    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma, text) -> torch.Tensor:
-        """The sampler's velocity (``rollout_guidance``) of ``model`` at ``latents`` (any dtype), float32."""
-        size = self.config.resolution
-        with self.accelerator.autocast():
-            velocity = self.adapter.predict_velocity(
-                model, latents.to(self.weight_dtype), sigma, text, self.config.rollout_guidance, size, size
-            )
-        return velocity.float()
-
-    def transition(self, latents, velocity, sigma, sigma_next):
-        return flow_sde_transition(
-            latents, velocity, sigma, sigma_next, self.config.noise_level, sigma_at_one=float(self.rollout_sigmas[1])
-        )
-
     # ----------------------------------------------------------------------------------- random draws
     def _trajectory_generators(self, step: int, stream: int, micro_step: int, share_prompts: bool, share_members: bool):
         """One CPU generator per trajectory of the micro-batch, keyed by its prompt's position in the update and its

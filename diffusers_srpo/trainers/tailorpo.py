@@ -17,18 +17,16 @@ and labels every step pair ``(x_t^w -> x_{t-1}^w)`` vs ``(x_t^l -> x_{t-1}^l)`` 
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..flow_sde import dpo_log_ratio, flow_sde_transition
-from . import sharding
-from .base import BaseTrainer, StepOutput
+from ..flow_sde import dpo_log_ratio
+from .base import StepOutput
 from .config import TailorPOConfig
+from .sde_policy import SDEPolicyTrainer
 
 # Independent random streams of one update (see BaseTrainer.generator).
 _SDE_STREAM, _TRAINED_STEPS_STREAM = 4, 5
@@ -53,7 +51,7 @@ class PreferencePair:
     first_preferred: torch.Tensor | None = None
 
 
-class TailorPOTrainer(BaseTrainer):
+class TailorPOTrainer(SDEPolicyTrainer):
     """Step-wise preference optimisation of a flow pipeline; ``train()`` writes a LoRA for ``load_lora_weights``.
 
     ``reward`` is any reward ``reward(images, prompts) -> Tensor[B]`` (written with ``reward_template``). TailorPO
@@ -70,15 +68,7 @@ class TailorPOTrainer(BaseTrainer):
         return self.config.method == "tailorpo-g"
 
     def setup_method(self) -> None:
-        self.reference_model = None
-        if not self.config.use_lora:
-            # A frozen copy of the base before accelerate wraps it, in the trained weights' dtype, so that policy and
-            # reference agree exactly at the start. It costs a second transformer in memory (sharded under FSDP).
-            if self.config.fsdp:
-                reference = sharding.shard_copy(self.pipe.transformer, self.accelerator.device, self.fsdp_param_dtype)
-            else:
-                reference = copy.deepcopy(self.pipe.transformer)
-            self.reference_model = reference.requires_grad_(False).eval()
+        self.reference_model = None if self.config.use_lora else self.frozen_reference()
 
     def model_card_details(self) -> dict[str, str]:
         config = self.config
@@ -96,33 +86,6 @@ class TailorPOTrainer(BaseTrainer):
         return details
 
     # ----------------------------------------------------------------------------------- the two policies
-    @contextlib.contextmanager
-    def reference_policy(self) -> Iterator[torch.nn.Module]:
-        """The reference model: the prepared model with its LoRA disabled, or the frozen copy of a full fine-tune."""
-        if self.reference_model is not None:
-            yield self.reference_model
-            return
-        transformer = self.accelerator.unwrap_model(self.model)
-        transformer.disable_adapters()
-        try:
-            yield self.model
-        finally:
-            transformer.enable_adapters()
-
-    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma, text) -> torch.Tensor:
-        """The sampler's velocity (``rollout_guidance``) of ``model`` at ``latents`` (any dtype), float32."""
-        size = self.config.resolution
-        with self.accelerator.autocast():
-            velocity = self.adapter.predict_velocity(
-                model, latents.to(self.weight_dtype), sigma, text, self.config.rollout_guidance, size, size
-            )
-        return velocity.float()
-
-    def transition(self, latents, velocity, sigma, sigma_next):
-        return flow_sde_transition(
-            latents, velocity, sigma, sigma_next, self.config.noise_level, sigma_at_one=float(self.rollout_sigmas[1])
-        )
-
     # ----------------------------------------------------------------------------------- step-wise reward
     @torch.no_grad()
     def stepwise_reward(self, latents, sigma, text, prompts) -> tuple[torch.Tensor, torch.Tensor | None]:
