@@ -425,11 +425,9 @@ def _check_weight_shapes(transformer, shapes: dict, path: str) -> None:
 
 def _sample(args: argparse.Namespace) -> int:
     import torch
-    from diffusers import DiffusionPipeline
     from diffusers.utils import make_image_grid
 
     from .atomic import staged_outputs
-    from .models import get_model_adapter
     from .prompts import load_prompts
     from .trainers.base import check_output_dir
 
@@ -459,20 +457,8 @@ def _sample(args: argparse.Namespace) -> int:
     _check_model_source(options.model, "--model", negative_prompt=options.negative_prompt)
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(options.model, torch_dtype=dtype).to(device)
-        adapter = get_model_adapter(pipe, negative_prompt=options.negative_prompt)
+        pipe, adapter, names = _load_pipeline_with_loras(options.model, loras, dtype, device, options.negative_prompt)
         call_settings = adapter.pipeline_call_kwargs(options.guidance_scale, options.max_sequence_length)
-        names = []
-        shapes = {name: parameter.shape for name, parameter in pipe.transformer.named_parameters()}
-        for index, (path, _) in enumerate(loras):
-            name = f"lora{index}"
-            pipe.load_lora_weights(path, adapter_name=name)
-            loaded = {adapter for adapters in pipe.get_list_adapters().values() for adapter in adapters}
-            # diffusers only warns when a LoRA matches no module: a silent no-op is worse than an error here.
-            if name not in loaded:
-                raise ValueError(f"LoRA {path!r} matched no module of {options.model!r}")
-            _check_weight_shapes(pipe.transformer, shapes, path)
-            names.append(name)
     except (TypeError, ValueError, OSError, RuntimeError) as error:  # a LoRA of another shape is a RuntimeError
         raise SetupError(" ".join(str(error).split())) from None
     if names:
