@@ -35,10 +35,13 @@ class ModuleState:
     def capture(cls, module: torch.nn.Module) -> ModuleState:
         parameters = list(module.parameters())
         first = parameters[0] if parameters else None
+        # The module's dtype is its first floating parameter's, as diffusers' ModelMixin.dtype: a bitsandbytes
+        # quantized model's first parameter holds packed integers.
+        floating = next((p for p in parameters if p.is_floating_point()), None)
         return cls(
             module=module,
             device=first.device if first is not None else torch.device("cpu"),
-            dtype=first.dtype if first is not None else torch.float32,
+            dtype=floating.dtype if floating is not None else torch.float32,
             training=[(m, m.training) for m in module.modules()],
             requires_grad=[(p, p.requires_grad, p.dtype) for p in parameters],
             checkpointing=[
