@@ -356,7 +356,7 @@ def _train(args: argparse.Namespace) -> int:
     from .rewards.registry import check_reward_spec
     from .trainers import NonFiniteUpdatesError, TrainingInterrupted
     from .trainers.base import check_output_dir
-    from .trainers.sharding import fsdp_requested_by_accelerate
+    from .trainers.sharding import with_accelerate_fsdp
     from .trainers.stopping import NonFiniteWeightsError
 
     run = _dataclass_from(args, TrainArguments)
@@ -372,8 +372,7 @@ def _train(args: argparse.Namespace) -> int:
             allow_existing=bool(config.resume_from_checkpoint or config.overwrite_output_dir),
             remedy="pass --resume_from_checkpoint latest, --overwrite_output_dir, or choose another --output_dir",
         )
-        if fsdp_requested_by_accelerate():  # before the checkpoint check: it is resumed with the same fsdp setting
-            config = dataclasses.replace(config, fsdp=True)
+        config = with_accelerate_fsdp(config)  # before the checkpoint check: it is resumed with the same fsdp setting
         trainer_class.check_files(config)
         check_reward_spec(run.reward)
         _check_model_source(run.model, "--model", negative_prompt=config.negative_prompt)

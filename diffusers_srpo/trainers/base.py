@@ -125,8 +125,7 @@ class BaseTrainer:
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(self.config).__name__}")
         # Cheap checks first: nothing expensive runs and nothing is written before they pass.
-        if sharding.fsdp_requested_by_accelerate() and not self.config.fsdp:
-            self.config = dataclasses.replace(self.config, fsdp=True)
+        self.config = sharding.with_accelerate_fsdp(self.config)
         self.adapter = get_model_adapter(pipe, negative_prompt=self.config.negative_prompt)
         self.config = with_model_defaults(self.config, self.adapter)
         self.pipe = pipe
@@ -413,18 +412,19 @@ class BaseTrainer:
             chosen.append(int(order[index]))
         return chosen
 
+    def stream_generator(self, step: int, stream: int, *key: int) -> torch.Generator:
+        """A CPU generator for one purpose (``stream``) of update ``step``, further keyed by ``key`` (a sample
+        position, a group member, ...): the same in every run, whichever process draws it."""
+        return torch.Generator().manual_seed(_mix_seed(self.config.seed, step, stream, *key))
+
     def generator(self, step: int, stream: int, per_process: bool, micro_step: int = 0) -> torch.Generator:
         """A CPU generator for one purpose (``stream``) of one update: shared by all processes, or (``per_process``)
         one per micro-batch of each process, keyed by the micro-batch's first sample position."""
-        key = self.sample_positions(micro_step)[0] if per_process else -1
-        return torch.Generator().manual_seed(_mix_seed(self.config.seed, step, stream, key))
+        return self.stream_generator(step, stream, self.sample_positions(micro_step)[0] if per_process else -1)
 
     def sample_generators(self, step: int, stream: int, micro_step: int = 0) -> list[torch.Generator]:
         """One CPU generator per sample of the micro-batch for ``stream``, keyed by the sample's position."""
-        return [
-            torch.Generator().manual_seed(_mix_seed(self.config.seed, step, stream, position))
-            for position in self.sample_positions(micro_step)
-        ]
+        return [self.stream_generator(step, stream, position) for position in self.sample_positions(micro_step)]
 
     def step_prompts(self, step: int, micro_step: int = 0) -> tuple[list[str], TextConditioning]:
         """This process's prompts of a micro-batch and their text conditioning."""
@@ -496,14 +496,8 @@ class BaseTrainer:
     def check_weights_finite(self) -> None:
         """Refuse to write trained weights that hold a NaN or an infinity (checked before anything is written; under
         FSDP on the gathered weights)."""
-        if self.config.fsdp:
-            named = [(n, p) for n, p in self.whole_transformer.named_parameters() if n in self._trained_names]
-        else:
-            # The optimizer's tensors are what training changes, however the model is wrapped.
-            names = {id(p): n for n, p in self.whole_transformer.named_parameters()}
-            named = [(names.get(id(p), f"tensor {i}"), p) for i, p in enumerate(self.trainable_parameters)]
-        trained = [p for _, p in named]
-        bad = [n for n, p in named if not torch.isfinite(p.detach()).all()]
+        trained = [(n, p) for n, p in self.whole_transformer.named_parameters() if n in self._trained_names]
+        bad = [n for n, p in trained if not torch.isfinite(p.detach()).all()]
         if bad:
             raise NonFiniteWeightsError(
                 f"refusing to write the trained weights: {len(bad)} of {len(trained)} trained tensors are not finite "

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..flow_sde import dpo_log_ratio, same_std_kl
-from .base import StepOutput, _mix_seed
+from .base import StepOutput
 from .config import GRPO_ADVANTAGE_EPSILON, GRPOConfig
 from .sde_policy import SDEPolicyTrainer
 
@@ -158,9 +158,7 @@ class GRPOTrainer(SDEPolicyTrainer):
         nothing."""
         config = self.config
         return [
-            torch.Generator().manual_seed(
-                _mix_seed(config.seed, step, stream, -1 if share_prompts else position, 0 if share_members else member)
-            )
+            self.stream_generator(step, stream, -1 if share_prompts else position, 0 if share_members else member)
             for position in self.sample_positions(micro_step)
             for member in range(config.group_size)
         ]

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 
 import torch
 
 __all__ = [
     "fsdp_requested_by_accelerate",
+    "with_accelerate_fsdp",
     "gather_into",
     "load_optimizer",
     "save_optimizer",
@@ -64,6 +66,14 @@ def fsdp_requested_by_accelerate() -> bool:
             "after forward (FULL_SHARD): set it to true"
         )
     return True
+
+
+def with_accelerate_fsdp(config):
+    """``config`` with ``fsdp`` on where ``accelerate launch`` was given an FSDP2 config (see
+    :func:`fsdp_requested_by_accelerate`); checked before a checkpoint is resolved, which keeps the setting."""
+    if fsdp_requested_by_accelerate() and not config.fsdp:
+        return dataclasses.replace(config, fsdp=True)
+    return config
 
 
 @contextlib.contextmanager
