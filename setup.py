@@ -21,7 +21,9 @@ install_requires = [
 extras_require = {
     # accelerate's tensorboard tracker (log_with: tensorboard); the tests read its event files back.
     "tensorboard": ["tensorboard>=2.14"],
-    "test": ["pytest>=8", "ruff>=0.6", "sentencepiece", "tensorboard>=2.14"],
+    # A quantized frozen transformer (--quantize nf4 | int8 | float8) and 8-bit AdamW: the one-24-GB-GPU recipe.
+    "quantization": ["bitsandbytes>=0.45", "torchao>=0.11"],
+    "test": ["pytest>=8", "ruff>=0.6", "sentencepiece", "tensorboard>=2.14", "bitsandbytes>=0.45", "torchao>=0.11"],
     # Memory-efficient attention; its kernels are CUDA-only.
     "xformers": ["xformers"],
 }

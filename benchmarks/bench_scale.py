@@ -25,6 +25,17 @@ which each process keeps in host memory under FSDP (fp32 in a full fine-tune).
     python benchmarks/bench_scale.py --model flux.1-dev --method srpo --lora-rank 0 --fsdp-processes 8 --json OUT.json
     python benchmarks/bench_scale.py --method srpo --lora-rank 0 --fsdp-processes 8 32 --json OUT.json  # a table
     python benchmarks/bench_scale.py --fsdp-processes 8 32     # SRPO full and LoRA on each: bench_scale_fsdp.json
+
+On a small card (``--quantize nf4|int8|float8``, ``--use-8bit-adam``; LoRA only, not sharded): the frozen transformer's
+linear layers are simulated in the backend's storage, byte for byte (``diffusers_srpo.simulation.simulated_quantization``:
+bitsandbytes NF4 with double quantization, torchao int8 or float8 weight-only), and their forward and backward make the
+backend's dequantized weights (``dequantized_weights`` in the split: a transient per layer for NF4, what autograd keeps
+for the backward for torchao); the 8-bit AdamW is bitsandbytes' own, run on the fake gradients. ``peak_site`` says
+where the update is at its peak and ``peak_activations_by_part_gib`` whose activations are alive there (the
+transformer's, the VAE's, the reward's, the backward passes' gradients, the trainer's own).
+
+    python benchmarks/bench_scale.py --method srpo --resolution 720 --quantize nf4 --use-8bit-adam --json OUT.json
+    python benchmarks/bench_scale.py --quantized-grid          # 720 and 512 px, each format with and without 8-bit AdamW
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,6 +64,15 @@ H200_MEASURED_FLOPS = 790e12
 #: CUDA context and allocator slack (an H200's 141 GB show as about 139 GiB).
 CARD_USABLE_GIB = {24: 23.0, 48: 46.0, 80: 78.0, 141: 138.0}
 GRID_METHODS = ("srpo", "direct-align", "refl", "draft-1", "draft-full", "tailorpo")
+#: How each ``--quantize`` format's frozen weights are simulated (the JSON's ``frozen_transformer``).
+QUANTIZED_STORAGE = {
+    "nf4": "bitsandbytes NF4 + double quantization, simulated storage (0.5 B/weight, uint8 absmax per 64, fp32 per "
+    "16384, codes); dequantized to bf16 per layer in forward and backward",
+    "int8": "torchao int8 weight-only, simulated storage (1 B/weight, fp32 scale and int8 zero point per row); the "
+    "weight cast to bf16 per call, kept by autograd for the backward",
+    "float8": "torchao float8 e4m3 weight-only, simulated storage (1 B/weight, fp32 scale per row); dequantized via "
+    "fp32 to bf16 per call, kept by autograd for the backward",
+}
 
 
 #: The tracker's categories of FSDP's own buffers (``diffusers_srpo.simulation.LiveBytes``).
@@ -69,13 +90,30 @@ def trainer_config(args, output_dir: str):
     return scale_models.trainer_config(args, output_dir, max_train_steps=1, cpu=True, fsdp=fsdp_processes(args) is not None)
 
 
+def check_quantized(args) -> None:
+    """Refuse, in one line, what the trainer refuses of a quantized transformer (it cannot tell a simulated one)."""
+    if args.quantize == "none":
+        return
+    if not args.lora_rank:
+        raise ValueError(f"--quantize {args.quantize}: a full fine-tune needs float weights; train a LoRA")
+    if fsdp_processes(args):
+        raise ValueError(f"--quantize {args.quantize}: a quantized transformer cannot be sharded (FSDP)")
+
+
 def simulate_point(args) -> dict:
     """One update of one configuration, simulated; the JSON object described in the module docstring. Sharded
     (``--fsdp-processes N``): the update of rank 0 of N, in a fake process group."""
-    from diffusers_srpo.simulation import simulate_update, simulated_process_group, simulated_tensors, simulated_trainer
+    from diffusers_srpo.simulation import (
+        simulate_update,
+        simulated_process_group,
+        simulated_quantization,
+        simulated_tensors,
+        simulated_trainer,
+    )
     from diffusers_srpo.trainers import trainer_class_for
 
     started = time.perf_counter()
+    check_quantized(args)
     processes = fsdp_processes(args)
     group = simulated_process_group(processes) if processes else contextlib.nullcontext()
     with group, tempfile.TemporaryDirectory(prefix="bench-scale-") as output_dir, simulated_tensors(), warnings.catch_warnings():
@@ -83,6 +121,8 @@ def simulate_point(args) -> dict:
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         config = trainer_config(args, output_dir)  # checked before anything is built
         pipe = build_pipeline(args.model, dtype=torch.bfloat16)
+        if args.quantize != "none":  # where build_pipeline(quantize=...) quantizes a real model in place
+            simulated_quantization(pipe.transformer, args.quantize, compute_dtype=torch.bfloat16)
         reward = build_reward(args.model, dtype=DTYPES[args.reward_dtype])
         trainer = simulated_trainer(trainer_class_for(config.method), pipe, reward=reward, prompts=PROMPTS, config=config)
         cost = simulate_update(trainer)
@@ -95,6 +135,8 @@ def simulate_point(args) -> dict:
         "vae_and_reward": cost.vae_and_reward_bytes / GIB,
         "activations": cost.activation_bytes / GIB,
     }
+    if args.quantize != "none":
+        split["dequantized_weights"] = cost.dequantized_weight_bytes / GIB
     sharded = {}
     if processes:
         split["fsdp_buffers"] = sum(cost.peak_by_category.get(key, 0) for key in FSDP_BUFFER_CATEGORIES) / GIB
@@ -108,6 +150,10 @@ def simulate_point(args) -> dict:
         "peak_gib": peak_gib,
         "peak_split_gib": split,
         "peak_by_category_gib": {key: value / GIB for key, value in cost.peak_by_category.items()},
+        "peak_site": cost.peak_site,
+        "peak_activations_by_part_gib": {key: value / GIB for key, value in cost.peak_activations_by_part.items()},
+        "frozen_transformer": QUANTIZED_STORAGE.get(args.quantize, "bfloat16"),
+        "optimizer": "bitsandbytes AdamW8bit (its own code, fake tensors)" if args.use_8bit_adam else "torch AdamW",
         "flops": cost.flops,
         "flops_rollout": cost.sampling_flops,
         "flops_gradient": cost.gradient_flops,
@@ -116,6 +162,25 @@ def simulate_point(args) -> dict:
         "wall_s": time.perf_counter() - started,
         "torch": torch.__version__,
     }
+
+
+def quantized_points(model: str) -> list[dict]:
+    """The small-card grid: SRPO's LoRA (rank 32, batch 1, checkpointing on) at the model's resolution and 512 px,
+    with each frozen-weight format, each with and without 8-bit AdamW; and the reward in bf16 for NF4 with 8-bit
+    AdamW."""
+    sizes = dict.fromkeys((DEFAULTS[model].resolution, 512))
+
+    def point(size, quantize, adam8, reward_dtype="float32"):
+        return {
+            "method": "srpo", "lora_rank": 32, "checkpointing": 1, "resolution": size, "batch_size": 1,
+            "quantize": quantize, "use_8bit_adam": adam8, "reward_dtype": reward_dtype,
+        }  # fmt: skip
+
+    points = []
+    for size in sizes:  # the smallest formats first: a grid stopped early has the 24 GB candidates
+        points += [point(size, q, adam8) for q in ("nf4", "int8", "float8", "none") for adam8 in (True, False)]
+        points.insert(len(points) - 7, point(size, "nf4", True, "bfloat16"))  # after NF4 with 8-bit AdamW
+    return points
 
 
 def grid_points(model: str) -> list[dict]:
@@ -146,9 +211,57 @@ def fsdp_points(args) -> list[dict]:
     ]  # fmt: skip
 
 
+def is_quantized(result: dict) -> bool:
+    return result.get("quantize", "none") != "none" or bool(result.get("use_8bit_adam"))
+
+
+def quantized_table(results: list[dict]) -> str:
+    """The small-card results as a markdown table: a row per frozen-weight format, optimizer, reward dtype and size;
+    the peak, its split (LoRA + gradients + optimizer state is ``training state``; dequantized weights are
+    activations too, shown apart) and where the update is at the peak."""
+    lines = [
+        "| method | quantize | 8-bit AdamW | reward | px | peak GiB | frozen weights | LoRA + grads + optimizer | "
+        "VAE + reward | activations | of which dequantized weights | 24 GB | at the peak |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in results:
+        head = (
+            f"| {r['method']} | {r.get('quantize', 'none')} | {'yes' if r.get('use_8bit_adam') else 'no'} | "
+            f"{DTYPE_NAMES.get(r.get('reward_dtype'), r.get('reward_dtype'))} | {r['resolution']} |"
+        )
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error']} |")
+            continue
+        split = r["peak_split_gib"]
+        dequantized = split.get("dequantized_weights", 0.0)
+        lines.append(
+            f"{head} {r['peak_gib']:.2f} | {split['frozen_weights']:.2f} | {split['training_state']:.2f} | "
+            f"{split['vae_and_reward']:.2f} | {split['activations'] + dequantized:.2f} | {dequantized:.2f} | "
+            f"{'yes' if r['fits_gb']['24'] else 'no'} | {short_site(r.get('peak_site', ''))}{parts_of(r)} |"
+        )
+    return "\n".join(lines)
+
+
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def parts_of(result: dict) -> str:
+    """The activations at the peak by the part that made them, largest first (those of at least 0.05 GiB)."""
+    parts = sorted(result.get("peak_activations_by_part_gib", {}).items(), key=lambda item: -item[1])
+    listed = ", ".join(f"{part} {size:.2f}" for part, size in parts if size >= 0.05)
+    return f"; activations: {listed}" if listed else ""
+
+
+def short_site(site: str) -> str:
+    """``peak_site`` for a table: classes and functions without their modules' paths."""
+    return re.sub(r"\b[a-z_]\w*(?:\.[a-z_]\w*)*\.(?=[A-Z])", "", site)
+
+
 def markdown_table(results: list[dict]) -> str:
     """The results as a markdown table; with sharded points, two more columns: the GPUs (processes) and FSDP's
-    buffers, and the peak and its split are per GPU."""
+    buffers, and the peak and its split are per GPU. With a quantized base or 8-bit AdamW: :func:`quantized_table`."""
+    if any(is_quantized(r) for r in results):
+        return quantized_table(results)
     sharded = any(r.get("fsdp_processes") for r in results)
     cards = " | ".join(f"{size} GB" for size in CARD_USABLE_GIB)
     lines = [
@@ -192,6 +305,13 @@ def run_grid(args, points: list[dict]) -> int:
         f"One simulated update of {args.model} (bf16 weights, bf16 autocast, reward in {args.reward_dtype}); fits: peak "
         f"under the card's usable GiB ({CARD_USABLE_GIB}); floor: the FLOPs at {H200_MEASURED_FLOPS / 1e12:.0f} TFLOP/s."
     )
+    if any(is_quantized(point) for point in points):
+        header = (
+            f"One simulated update of {args.model} (bf16 autocast), with the frozen transformer quantized (simulated "
+            "storage of the backend's format, its dequantization in forward and backward) or bf16, and torch's or "
+            "bitsandbytes' 8-bit AdamW; reward in the row's dtype; 24 GB: peak under "
+            f"{CARD_USABLE_GIB[24]} GiB. Activations include the dequantized weights, also shown apart."
+        )
     if any(point.get("fsdp_processes") for point in points):
         header += (
             " GPUs: the transformer sharded over that many (FSDP2, rank 0 of a fake process group); peak and split per "
@@ -200,7 +320,10 @@ def run_grid(args, points: list[dict]) -> int:
     for point in points:
         command = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--reward-dtype", args.reward_dtype]
         for key, value in point.items():
-            command += [f"--{key.replace('_', '-')}", str(value)]
+            if value is True or value is False:  # a switch
+                command += [f"--{key.replace('_', '-')}"] if value else []
+            else:
+                command += [f"--{key.replace('_', '-')}", str(value)]
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             proc = subprocess.run([*command, "--json", out.name], capture_output=True, text=True)
             if proc.returncode == 0:
@@ -233,6 +356,12 @@ def parse_args(argv=None):
     parser.add_argument("--lora-rank", type=int, default=32, help="LoRA rank; 0 trains the full transformer (AdamW, fp32 master weights).")
     parser.add_argument("--checkpointing", type=int, choices=(0, 1), default=1, help="Activation checkpointing of the transformer and the VAE.")
     parser.add_argument("--reward-dtype", choices=list(DTYPES), default="float32", help="Reward weights (diffusers-srpo train loads float32).")
+    scale_models.add_memory_arguments(parser)
+    parser.add_argument(
+        "--quantized-grid", action="store_true",
+        help="The small-card grid: SRPO LoRA at the model's resolution and 512 px, each --quantize with and without "
+        "--use-8bit-adam, and NF4 + 8-bit AdamW with the reward in bf16 (default JSON: results/quantized/).",
+    )  # fmt: skip
     parser.add_argument(
         "--fsdp-processes", type=int, nargs="+", metavar="N",
         help="Shard the transformer over N processes (FSDP2) and report one GPU's memory (rank 0 of a fake process "
@@ -261,6 +390,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if args.quantized_grid:
+        args.json = args.json or os.path.join(results, "quantized", "bench_scale_quantized.json")
+        return run_grid(args, quantized_points(args.model))
     if args.fsdp_processes and (args.method is None or len(args.fsdp_processes) > 1):
         args.json = args.json or os.path.join(results, "bench_scale_fsdp.json")
         return run_grid(args, fsdp_points(args))
@@ -273,9 +405,11 @@ def main(argv=None) -> int:
         print(f"bench_scale: {error}", file=sys.stderr)
         return 2
     sharded = f" FSDP over {result['fsdp_processes']} GPUs" if result.get("fsdp_processes") else ""
+    small_card = f" {args.quantize} base" if args.quantize != "none" else ""
+    small_card += " 8-bit AdamW" if args.use_8bit_adam else ""
     print(
-        f"{args.model} {args.method} {_train(result)}{sharded} checkpointing {_on(result)} {args.resolution}px batch "
-        f"{args.batch_size}: {result['params'] / 1e9:.2f}B params, peak {result['peak_gib']:.2f} GiB"
+        f"{args.model} {args.method} {_train(result)}{sharded}{small_card} checkpointing {_on(result)} {args.resolution}px "
+        f"batch {args.batch_size}: {result['params'] / 1e9:.2f}B params, peak {result['peak_gib']:.2f} GiB"
         f"{' per GPU' if sharded else ''} (simulated), "
         f"{result['flops'] / 1e12:.1f} TFLOP ({result['flops_rollout'] / 1e12:.1f} rollout), {result['wall_s']:.0f} s"
     )

@@ -19,14 +19,18 @@
 #                  selects the `gpu` tests only, which a CPU collects and skips (the interpreter run of the same
 #                  checks is the normal suite's test_kernels_under_the_triton_interpreter)
 #   2 bench_kernels benchmarks/bench_kernels.py: Triton vs eager vs torch.compile, % of the measured copy bandwidth
+#   2 gpu_update_24gb  benchmarks/gpu_update.py --quantize nf4 --use-8bit-adam: the same update on the one-24-GB-GPU
+#                  recipe (issue 21): the transformer built in bf16, then quantized NF4 in place on the GPU, a LoRA on
+#                  top, bitsandbytes' 8-bit AdamW: seconds and the measured peak (max_memory_allocated)
 #   3 gpu_update   benchmarks/gpu_update.py: a full-depth FLUX.1-dev-shaped random-weight SRPO LoRA update at
-#                  720x720 in bf16, 1 warm-up + 3 measured, through the project's trainer: seconds, max_memory_
+#                  720x720 in bf16, 1 warm-up + 2 measured, through the project's trainer: seconds, max_memory_
 #                  allocated, TFLOP/s and MFU against bench_scale's simulated FLOPs, measured vs simulated peak
-#   4 summary      status.json and summary.md: device, date, versions, each step's status, the update's numbers
+#   4 bench_kernels (moved last: the update numbers come first if time runs short)
+#   5 summary      status.json and summary.md: device, date, versions, each step's status, the updates' numbers
 #
-# The output folder gets six files: gpu_check.log (every step's output), status.json, bench_kernels.json,
-# bench_scale.json, gpu_update.json (rewritten after every update, so a step stopped by its time limit keeps
-# what it measured) and summary.md; gpu_update.json.partial only if that step was killed while writing.
+# The output folder gets seven files: gpu_check.log (every step's output), status.json, bench_kernels.json,
+# bench_scale.json, gpu_update.json and gpu_update_24gb.json (rewritten after every update, so a step stopped by
+# its time limit keeps what it measured) and summary.md; a .partial file only if a step was killed while writing.
 # Both modes run the same command lines: only the variables of "Settings" differ (sizes, repetitions, the pytest
 # selection, time limits). Each step runs under `timeout`, capped so that the whole run ends by BUDGET_S.
 #
@@ -39,12 +43,16 @@
 #   open_clip_torch 3.3.0   torch>=2.0, torchvision, regex, ftfy, tqdm, huggingface-hub, safetensors, timm>=1.0.17
 #   ftfy 6.3.1              wcwidth
 #   wcwidth 0.7.0           (none)
-# so four pure-Python wheels (7.7 MB). Fetch them where pip reaches a registry, in the repository root:
+# so four pure-Python wheels (7.7 MB), and for step 2 bitsandbytes 0.50.2 (needs torch, numpy, packaging: there)
+# and torchao 0.18.0 (no requirements). bitsandbytes' wheel (43 MB) holds a library per CUDA version; the GPU's
+# torch is built for CUDA 13.0, so a copy of the wheel with only libbitsandbytes_cuda130.so and _cpu.so (3.6 MB;
+# its RECORD lines of the removed files dropped) keeps the carried tree under 64 MiB.
+# Fetch them where pip reaches a registry, in the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
-#     diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0
+#     diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0 torchao==0.18.0 bitsandbytes==0.50.2
 # then, with the device tool: run(command="bash benchmarks/gpu_check.sh --wheels .whl", carry=[".whl"],
 # timeout_s=560); the files come back from $OUT.
 #
@@ -82,7 +90,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")" || exit 2
 SITE="${GPU_CHECK_SITE:-/tmp/site}"
 LOG="$OUT_DIR/gpu_check.log"
 STEPS_TSV="$WORK/steps.tsv"
-rm -f "$OUT_DIR"/{gpu_check.log,status.json,summary.md,bench_kernels.json,bench_scale.json,gpu_update.json,gpu_update.json.partial}
+rm -f "$OUT_DIR"/{gpu_check.log,status.json,summary.md,bench_kernels.json,bench_scale.json,gpu_update.json,gpu_update.json.partial,gpu_update_24gb.json,gpu_update_24gb.json.partial}
 : >"$LOG"
 : >"$STEPS_TSV"
 START=$(date +%s)
@@ -109,19 +117,19 @@ if [ "$MODE" = tiny ]; then
     STEPS=1
     KERNEL_TESTS_MARKS="gpu"                        # the compiled kernel checks: collected, skipped without CUDA
     BENCH_KERNELS_FLAGS=(--reps 1 --no-compile)     # torch.compile's first compiles on a CPU take minutes
-    BUDGET_S=300
+    BUDGET_S=360
     RESERVE_S=60
-    CAP_INSTALL=60 CAP_ENVIRONMENT=90 CAP_KERNEL_TESTS=120 CAP_BENCH_KERNELS=180 CAP_BENCH_SCALE=240 CAP_UPDATE=240
+    CAP_INSTALL=60 CAP_ENVIRONMENT=90 CAP_KERNEL_TESTS=120 CAP_BENCH_KERNELS=180 CAP_BENCH_SCALE=240 CAP_UPDATE=120
 else
     MODEL=flux.1-dev
     RESOLUTION=720
     ROLLOUT_STEPS=25
-    STEPS=3
+    STEPS=2
     KERNEL_TESTS_MARKS="not slow"                   # compiled checks + dispatch tests; not the interpreter test
-    BENCH_KERNELS_FLAGS=(--reps 50)
-    BUDGET_S=465                                    # 7 min 45 s: the folder is complete within 8 minutes
-    RESERVE_S=150                                   # the update's share (about 1-2 min expected), whatever came before
-    CAP_INSTALL=60 CAP_ENVIRONMENT=90 CAP_KERNEL_TESTS=150 CAP_BENCH_KERNELS=180 CAP_BENCH_SCALE=240 CAP_UPDATE=330
+    BENCH_KERNELS_FLAGS=(--reps 20)
+    BUDGET_S=480                                    # 8 minutes: the folder is complete within 8.5
+    RESERVE_S=300                                   # the two updates' share (about 1-2 min each expected)
+    CAP_INSTALL=60 CAP_ENVIRONMENT=90 CAP_KERNEL_TESTS=100 CAP_BENCH_KERNELS=120 CAP_BENCH_SCALE=300 CAP_UPDATE=170
 fi
 DEADLINE=$((START + BUDGET_S))
 POINT=(--model "$MODEL" --method "$METHOD" --resolution "$RESOLUTION" --batch-size "$BATCH_SIZE"
@@ -224,7 +232,7 @@ info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec=
         "cuda_available": cuda, "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"}
 missing = [] if cuda or mode == "tiny" else ["CUDA: torch.cuda.is_available() is False (--tiny runs on a CPU)"]
-for name in ("triton", "diffusers", "open_clip", "ftfy", "transformers", "peft", "accelerate", "diffusers_srpo",
+for name in ("triton", "diffusers", "open_clip", "ftfy", "torchao", "bitsandbytes", "transformers", "peft", "accelerate", "diffusers_srpo",
              "diffusers_srpo.kernels"):
     try:
         module = importlib.import_module(name)
@@ -257,9 +265,10 @@ fi
 run_step kernel_tests "$CAP_KERNEL_TESTS" "$RESERVE_S" "$PY" -m pytest tests/test_kernels.py -m "$KERNEL_TESTS_MARKS" \
     -q -ra -p no:cacheprovider
 
-# ----------------------------------------------------------------------------------------------- 2. bench_kernels
-run_step bench_kernels "$CAP_BENCH_KERNELS" "$RESERVE_S" "$PY" benchmarks/bench_kernels.py "${BENCH_KERNELS_FLAGS[@]}" \
-    --json "$OUT_DIR/bench_kernels.json"
+# ----------------------------------------------------------------------------------------------- 2. the 24 GB recipe
+# Its simulated counterpart is bench_scale.py with the same two flags, run on a CPU afterwards (benchmarks/RESULTS.md).
+run_step gpu_update_24gb "$CAP_UPDATE" $((RESERVE_S / 2)) "$PY" benchmarks/gpu_update.py "${POINT[@]}" \
+    --quantize nf4 --use-8bit-adam --warmup "$WARMUP" --steps "$STEPS" --json "$OUT_DIR/gpu_update_24gb.json"
 
 # ----------------------------------------------------------------------------------------------- 3. the update
 finish_background bench_scale
@@ -267,6 +276,10 @@ SIMULATED=()
 if [ -s "$SIM_JSON" ] && grep -q "^bench_scale	ok	" "$STEPS_TSV"; then SIMULATED=(--simulated "$SIM_JSON"); fi
 run_step gpu_update "$CAP_UPDATE" 0 "$PY" benchmarks/gpu_update.py "${POINT[@]}" --warmup "$WARMUP" --steps "$STEPS" \
     "${SIMULATED[@]}" --json "$OUT_DIR/gpu_update.json"
+
+# ----------------------------------------------------------------------------------------------- 4. bench_kernels
+run_step bench_kernels "$CAP_BENCH_KERNELS" 0 "$PY" benchmarks/bench_kernels.py "${BENCH_KERNELS_FLAGS[@]}" \
+    --json "$OUT_DIR/bench_kernels.json"
 
 # ----------------------------------------------------------------------------------------------- 4. status and summary
 finish_background environment
@@ -290,7 +303,8 @@ def load(path):
 
 
 environment = load(environment_path) or {}
-update, kernels = load(os.path.join(out, "gpu_update.json")), load(os.path.join(out, "bench_kernels.json"))
+updates = {name: load(os.path.join(out, f"{name}.json")) for name in ("gpu_update_24gb", "gpu_update")}
+kernels = load(os.path.join(out, "bench_kernels.json"))
 ok = all(step["status"] == "ok" for step in steps)
 files = sorted(set(os.listdir(out)) | {"status.json", "summary.md"})
 status = {"mode": mode, "ok": ok, "wall_s": int(wall), "environment": environment, "steps": steps, "files": files}
@@ -308,7 +322,8 @@ lines = [
     f"- device: {environment.get('device', 'unknown')}",
     f"- date: {environment.get('date', 'unknown')}",
     f"- torch {environment.get('torch')}, triton {environment.get('triton')}, diffusers {environment.get('diffusers')}, "
-    f"open_clip {environment.get('open_clip')}, Python {environment.get('python')}",
+    f"open_clip {environment.get('open_clip')}, torchao {environment.get('torchao')}, bitsandbytes "
+    f"{environment.get('bitsandbytes')}, Python {environment.get('python')}",
     f"- wall time: {wall} s",
     "",
     "| step | status | exit | seconds | last line |",
@@ -317,18 +332,23 @@ lines = [
 for step in steps:
     last = step["last_line"].replace("|", "/")
     lines.append(f"| {step['step']} | {step['status']} | {step['exit']} | {step['seconds']} | {last} |")
-lines.append("")
-if update:
+for name, update in updates.items():
+    lines.append("")
+    if not update:
+        lines.append(f"## One update ({name}): no {name}.json (see gpu_check.log)")
+        continue
     sim = update.get("simulated") or {}
     mfu = update.get("mfu") or {}
     warmup = ", ".join(f"{s:.3g}" for s in update["warmup_s"])
     lines += [
-        f"## One update: {update['model']} {update['method']}, {update['resolution']}x{update['resolution']}, "
+        f"## One update ({name}): {update['model']} {update['method']}, {update['resolution']}x{update['resolution']}, "
         f"batch {update['batch_size']}, {update['rollout_steps']} rollout steps, LoRA rank {update['lora_rank']}, "
-        f"checkpointing {'on' if update['checkpointing'] else 'off'}, bf16, on {update['device']}",
+        f"checkpointing {'on' if update['checkpointing'] else 'off'}, transformer weights {update['weight_dtype']}, "
+        f"8-bit AdamW {'on' if update.get('use_8bit_adam') else 'off'}, on {update['device']}",
         "",
         f"- transformer parameters: {update.get('params', 0):,} (trainable {update.get('trainable_params', 0):,}); "
-        f"models built in {fmt(update.get('build_s'), suffix=' s')}",
+        f"models built in {fmt(update.get('build_s'), suffix=' s')}; allocated after the build "
+        f"{fmt(update.get('memory_after_build_gib'), 4, suffix=' GiB')}",
         f"- measured updates: {update['measured_updates']} of {update['steps']} (complete: {update['complete']}), "
         f"after {len(update['warmup_s'])} warm-up ({warmup} s)",
         f"- seconds per update: median {fmt(update['update_s_median'], 4)}; each: "
@@ -347,8 +367,6 @@ if update:
     for key in ("note", "memory_note"):
         if update.get(key):
             lines.append(f"- {key.replace('_', ' ')}: {update[key]}")
-else:
-    lines.append("## One update: no gpu_update.json (see gpu_check.log)")
 if kernels:
     lines += ["", f"## Kernels: {kernels['note']}; copy bandwidth {kernels['copy_bandwidth_gb_per_s']:.0f} GB/s"]
     rows = {(r["op"], tuple(r["shape"]), r["variant"]): r for r in kernels["rows"]}

@@ -65,6 +65,8 @@ POINT_FIELDS = (
     "max_sequence_length",
     "lora_rank",
     "checkpointing",
+    "quantize",
+    "use_8bit_adam",
 )
 
 
@@ -92,6 +94,7 @@ def parse_args(argv=None):
         default="float32",
         help="Reward weights (diffusers-srpo train loads float32).",
     )
+    scale_models.add_memory_arguments(parser)
     parser.add_argument("--warmup", type=int, default=1, help="Updates run before measuring.")
     parser.add_argument("--steps", type=int, default=3, help="Measured updates.")
     parser.add_argument("--simulated", help="bench_scale.py's JSON of the same point: MFU and the simulated peak.")
@@ -124,7 +127,8 @@ def read_simulated(path: str | None, args) -> dict | None:
         simulated = json.load(file)
     wanted = {"model": args.model, "method": args.method, "resolution": args.resolution, "batch_size": args.batch_size,
               "rollout_steps": args.rollout_steps, "max_sequence_length": args.max_sequence_length,
-              "lora_rank": args.lora_rank, "checkpointing": bool(args.checkpointing)}  # fmt: skip
+              "lora_rank": args.lora_rank, "checkpointing": bool(args.checkpointing), "quantize": args.quantize,
+              "use_8bit_adam": args.use_8bit_adam}  # fmt: skip
     mismatches = [
         f"{key}: simulated {simulated[key]!r}, measured {wanted[key]!r}"
         for key in POINT_FIELDS
@@ -214,7 +218,7 @@ def run(args) -> dict:
         "triton": triton_version,
         **scale_models.point_fields(args),
         "mixed_precision": "bf16",
-        "weight_dtype": "bfloat16",
+        "weight_dtype": "bfloat16" if args.quantize == "none" else f"{args.quantize} (compute in bfloat16)",
         "warmup": args.warmup,
         "steps": args.steps,
         "simulated": simulated,
@@ -225,12 +229,15 @@ def run(args) -> dict:
         config = trainer_config(args, os.path.join(output_dir, "run"))  # checked before anything is built
         started = time.perf_counter()
         with torch.device(device):  # random init on the GPU, in bf16: the 12B model never exists on the CPU
-            pipe = build_pipeline(args.model, dtype=torch.bfloat16)
+            # --quantize: built in bf16, then each linear layer quantized in place on the GPU, as from_pretrained
+            # with the quantization config does while loading; the update's peak is measured after the warm-up.
+            pipe = build_pipeline(args.model, dtype=torch.bfloat16, quantize=args.quantize)
             reward = build_reward(args.model, dtype=DTYPES[args.reward_dtype])
         trainer = trainer_class_for(config.method)(pipe, reward=reward, prompts=PROMPTS, config=config)
         _sync(device)
         result["build_s"] = time.perf_counter() - started
-        result["params"] = base_parameter_count(pipe.transformer)  # without the LoRA, as bench_scale counts
+        # Without the LoRA, as bench_scale counts; NF4's packed weights counted unpacked.
+        result["params"] = base_parameter_count(pipe.transformer)
         result["trainable_params"] = sum(p.numel() for p in trainer.trainable_parameters)
         if cuda:
             result["memory_after_build_gib"] = torch.cuda.memory_allocated(device) / GIB

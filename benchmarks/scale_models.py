@@ -42,6 +42,8 @@ METHOD_VARIANTS = {
 #: Two prompts, so that the prompt order is that of a real run.
 PROMPTS = ["a photo of a cat on a windowsill", "a watercolor lighthouse at dusk"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: ``--quantize`` choices: the frozen transformer's storage (``diffusers_srpo.quantization``); "none" keeps bf16.
+QUANTIZE_NAMES = ("none", "nf4", "int8", "float8")
 
 
 @dataclass(frozen=True)
@@ -88,16 +90,32 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def build_pipeline(name: str, dtype: torch.dtype = torch.bfloat16):
-    """The pipeline of ``name`` with random weights in ``dtype``, built in the current device context."""
+def build_pipeline(name: str, dtype: torch.dtype = torch.bfloat16, quantize: str = "none"):
+    """The pipeline of ``name`` with random weights in ``dtype``, built in the current device context; with
+    ``quantize`` (not "none") its transformer's linear layers are then quantized in place, on their device."""
     from diffusers_srpo import testing
+    from diffusers_srpo.quantization import quantize_in_memory
 
     check_model_name(name)
     if name in REAL_SIZE_BUILDERS:
-        return getattr(testing, REAL_SIZE_BUILDERS[name])(dtype=dtype)
-    config = _flux_37m_config() if name == "flux-37m" else None
-    pipe = testing.tiny_flux_pipeline(seed=0, config=config)
-    return pipe.to(dtype)
+        pipe = getattr(testing, REAL_SIZE_BUILDERS[name])(dtype=dtype)
+    else:
+        config = _flux_37m_config() if name == "flux-37m" else None
+        pipe = testing.tiny_flux_pipeline(seed=0, config=config).to(dtype)
+    if quantize != "none":
+        quantize_in_memory(pipe.transformer, quantize, compute_dtype=dtype)
+    return pipe
+
+
+def add_memory_arguments(parser) -> None:
+    """The flags of the small-card recipe, the same in both scripts."""
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_NAMES,
+        default="none",
+        help="Frozen transformer weights: nf4 (bitsandbytes), int8 or float8 (torchao weight-only), none (bf16).",
+    )
+    parser.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
 
 
 def build_reward(name: str, dtype: torch.dtype | None = None):
@@ -136,6 +154,7 @@ def trainer_config(args, output_dir: str, max_train_steps: int = 1, cpu: bool = 
         validation_steps=0,
         cpu=cpu,
         fsdp=fsdp,
+        use_8bit_adam=getattr(args, "use_8bit_adam", False),
     )
 
 
@@ -151,4 +170,6 @@ def point_fields(args) -> dict:
         "lora_rank": args.lora_rank,
         "checkpointing": bool(args.checkpointing),
         "reward_dtype": args.reward_dtype,
+        "quantize": getattr(args, "quantize", "none"),
+        "use_8bit_adam": getattr(args, "use_8bit_adam", False),
     }

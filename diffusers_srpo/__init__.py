@@ -7,6 +7,7 @@ Direct-Align + Semantic Relative Preference (SRPO, Shen et al. 2025) and TailorP
 __version__ = "0.1.0.dev0"
 
 from . import ops
+from .quantization import QUANTIZE_CHOICES, quantization_config  # first of what imports diffusers' pipelines
 from .rewards import (
     AestheticReward,
     CallableReward,
@@ -49,6 +50,7 @@ __all__ = [
     "METHODS",
     "NonFiniteUpdatesError",
     "PickScoreReward",
+    "QUANTIZE_CHOICES",
     "ReFLConfig",
     "ReFLTrainer",
     "SRPOConfig",
@@ -61,5 +63,6 @@ __all__ = [
     "__version__",
     "load_reward",
     "ops",
+    "quantization_config",
     "trainer_class_for",
 ]

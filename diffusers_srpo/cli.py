@@ -70,6 +70,14 @@ class TrainArguments:
     torch_dtype: str = field(
         default="bfloat16", metadata=_help(f"Weight dtype of the frozen modules: {', '.join(DTYPE_NAMES)}.")
     )
+    quantize: str | None = field(
+        default=None,
+        metadata=_help(
+            "Load the frozen transformer quantized, with a LoRA on top (one 24 GB GPU for FLUX.1-dev): nf4 "
+            "(bitsandbytes 4-bit, needs CUDA), int8 or float8 (torchao weight-only); computed in --torch_dtype. "
+            "Needs pip install 'diffusers-srpo[quantization]'."
+        ),
+    )
 
 
 @dataclass
@@ -105,6 +113,13 @@ class SampleArguments:
         default=None, metadata=_help("Token length of the prompt encoding; default the pipeline's own.")
     )
     torch_dtype: str = field(default="bfloat16", metadata=_help(f"Weight dtype: {', '.join(DTYPE_NAMES)}."))
+    quantize: str | None = field(
+        default=None,
+        metadata=_help(
+            "Load the transformer quantized: nf4 (bitsandbytes 4-bit, needs CUDA), int8 or float8 (torchao "
+            "weight-only), e.g. to sample on the card a --quantize LoRA was trained on."
+        ),
+    )
     device: str | None = field(default=None, metadata=_help("Device; default cuda when available, else cpu."))
 
 
@@ -159,6 +174,13 @@ class EvaluateArguments:
     )
     torch_dtype: str = field(default="bfloat16", metadata=_help(f"Weight dtype: {', '.join(DTYPE_NAMES)}."))
     batch_size: int = field(default=4, metadata=_help("Images per pipeline call and per reward call."))
+    quantize: str | None = field(
+        default=None,
+        metadata=_help(
+            "Load the transformer quantized: nf4 (bitsandbytes 4-bit, needs CUDA), int8 or float8 (torchao "
+            "weight-only), e.g. to sample on the card a --quantize LoRA was trained on."
+        ),
+    )
     device: str | None = field(default=None, metadata=_help("Device; default cuda when available, else cpu."))
     output_dir: str = field(
         default="evaluation",
@@ -205,6 +227,16 @@ def _torch_dtype(name: str):
     if name not in DTYPE_NAMES:
         raise UsageError(f"--torch_dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
     return getattr(torch, name)
+
+
+def _checked_quantize(name: str | None) -> str | None:
+    from .quantization import check_quantize
+
+    try:
+        check_quantize(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return name
 
 
 def _default_device(device: str | None) -> str:
@@ -352,6 +384,7 @@ def _train(args: argparse.Namespace) -> int:
     from diffusers import DiffusionPipeline
 
     from .prompts import load_prompts
+    from .quantization import quantization_config
     from .rewards import load_reward
     from .rewards.registry import check_reward_spec
     from .trainers import NonFiniteUpdatesError, TrainingInterrupted
@@ -376,11 +409,17 @@ def _train(args: argparse.Namespace) -> int:
         trainer_class.check_files(config)
         check_reward_spec(run.reward)
         _check_model_source(run.model, "--model", negative_prompt=config.negative_prompt)
+        _checked_quantize(run.quantize)
+        if run.quantize and not config.use_lora:
+            raise UsageError(f"--quantize {run.quantize} trains a LoRA on the quantized transformer: drop --use_lora false")
+        if run.quantize and config.fsdp:
+            raise UsageError(f"--quantize {run.quantize} cannot be sharded: leave --fsdp off (one process per quantized copy)")
     except (TypeError, ValueError, OSError) as error:
         raise UsageError(str(error)) from None
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(run.model, torch_dtype=dtype)
+        quantized = {"quantization_config": quantization_config(run.quantize, dtype)} if run.quantize else {}
+        pipe = DiffusionPipeline.from_pretrained(run.model, torch_dtype=dtype, **quantized)
         trainer = trainer_class(pipe, reward=load_reward(run.reward), config=config)
     except (TypeError, ValueError, OSError) as error:
         raise SetupError(str(error)) from None
@@ -449,6 +488,7 @@ def _sample(args: argparse.Namespace) -> int:
         _check_lora_source(path)
     dtype = _torch_dtype(options.torch_dtype)
     device = _checked_device(options.device)
+    _checked_quantize(options.quantize)
     try:
         check_output_dir(options.output_dir, allow_existing=True, remedy="")
     except OSError as error:
@@ -456,7 +496,9 @@ def _sample(args: argparse.Namespace) -> int:
     _check_model_source(options.model, "--model", negative_prompt=options.negative_prompt)
 
     try:
-        pipe, adapter, names = _load_pipeline_with_loras(options.model, loras, dtype, device, options.negative_prompt)
+        pipe, adapter, names = _load_pipeline_with_loras(
+            options.model, loras, dtype, device, options.negative_prompt, options.quantize
+        )
         call_settings = adapter.pipeline_call_kwargs(options.guidance_scale, options.max_sequence_length)
     except (TypeError, ValueError, OSError, RuntimeError) as error:  # a LoRA of another shape is a RuntimeError
         raise SetupError(" ".join(str(error).split())) from None
@@ -483,15 +525,20 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
-def _load_pipeline_with_loras(model: str, loras: list[tuple[str, float]], dtype, device: str, negative_prompt=None):
-    """The stock pipeline of ``model`` on ``device`` with each LoRA loaded as adapter ``lora0``, ``lora1``, ...; its
-    model adapter; the adapter names. A LoRA that matches no module or does not fit the model is a ``ValueError``."""
+def _load_pipeline_with_loras(
+    model: str, loras: list[tuple[str, float]], dtype, device: str, negative_prompt=None, quantize=None
+):
+    """The stock pipeline of ``model`` on ``device`` (its transformer quantized as ``quantize``, if given) with each
+    LoRA loaded as adapter ``lora0``, ``lora1``, ...; its model adapter; the adapter names. A LoRA that matches no
+    module or does not fit the model is a ``ValueError``."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     from .models import get_model_adapter
+    from .quantization import quantization_config
 
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    quantized = {"quantization_config": quantization_config(quantize, dtype)} if quantize else {}
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **quantized).to(device)
     adapter = get_model_adapter(pipe, negative_prompt=negative_prompt)
     names = []
     shapes = {name: parameter.shape for name, parameter in pipe.transformer.named_parameters()}
@@ -557,10 +604,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         _check_lora_source(path)
     dtype = _torch_dtype(options.torch_dtype)
     device = _checked_device(options.device)
+    _checked_quantize(options.quantize)
     _check_model_source(options.model, "--model", negative_prompt=options.negative_prompt)
     # What decides an image beside the model, the prompt, the noise and the LoRA: a resumed run must share it.
     sampler_names = ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt")
-    sampler = {name: getattr(options, name) for name in (*sampler_names, "max_sequence_length", "torch_dtype")}
+    sampler = {
+        name: getattr(options, name) for name in (*sampler_names, "max_sequence_length", "torch_dtype", "quantize")
+    }
     seeds = range(options.seed, options.seed + options.num_images_per_prompt)
     run = Evaluation(
         options.output_dir, options.model, prompts, seeds, loras, reward_specs, sampler, options.batch_size
@@ -575,7 +625,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         run.check_rewards_load()
         if run.missing_images():  # a resumed run with every image in place needs no pipeline
             pipe, adapter, adapter_names = _load_pipeline_with_loras(
-                options.model, loras, dtype, device, options.negative_prompt
+                options.model, loras, dtype, device, options.negative_prompt, options.quantize
             )
             call_settings = adapter.pipeline_call_kwargs(options.guidance_scale, options.max_sequence_length)
     except (TypeError, ValueError, OSError) as error:

@@ -32,6 +32,15 @@ while a block runs (``"unsharded weights"``) and its all-gather and reduce-scatt
 The collectives' own buffers (NCCL's, outside the caching allocator) are not counted, and neither is anything of
 the other ranks.
 
+A frozen base quantized for a small card (``diffusers_srpo.quantization``: bitsandbytes NF4, torchao int8 or float8
+weight-only) cannot be quantized on fake tensors (bitsandbytes' and torchao's kernels need data), so
+:func:`simulated_quantization` replaces each linear layer where ``quantize_in_memory`` would quantize it with a
+:class:`SimulatedQuantizedLinear`: fake tensors of the real format's exact layout (its bytes are checked against a
+really quantized model in the tests) and a forward that runs the backend's own sequence of ops on them, the
+dequantized weight included (``"dequantized weights"``: a transient in bitsandbytes' forward and backward; in
+torchao's, what autograd keeps for the backward). bitsandbytes' 8-bit AdamW needs no model: the trainer's own
+optimizer runs on the fake gradients, and its state is bitsandbytes' own.
+
 FLOPs are counted by :class:`UpdateFlopCounter`, torch's ``FlopCounterMode`` without its per-module attribution:
 that attribution's ``ModuleTracker`` registers gradient hooks on the tensors of every module call, the calls that
 activation checkpointing recomputes during backward included, and those hooks never fire and keep the recomputed
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import warnings
@@ -57,7 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["REAL_NUMEL_LIMIT", "LiveBytes", "RepeatedCallReplay", "UpdateCost", "UpdateFlopCounter", "base_parameter_count", "prepare_steady_update", "simulate_update", "simulated_process_group", "simulated_tensors", "simulated_trainer"]
+__all__ = ["REAL_NUMEL_LIMIT", "LiveBytes", "RepeatedCallReplay", "SimulatedQuantizedLinear", "UpdateCost", "UpdateFlopCounter", "base_parameter_count", "prepare_steady_update", "simulate_update", "simulated_process_group", "simulated_quantization", "simulated_tensors", "simulated_trainer"]
 
 #: Factories of at most this many elements run for real inside :func:`simulated_tensors` (noise, ids, schedules).
 REAL_NUMEL_LIMIT = 2**24
@@ -325,6 +335,7 @@ class _RecordedCall:
     rise: dict[str, int]
     output_spec: TreeSpec
     output_leaves: tuple
+    site: str = ""
 
 
 class RepeatedCallReplay:
@@ -411,11 +422,11 @@ class RepeatedCallReplay:
         # it that stood at the call's peak.
         cached = self.memory.alive_from(stretch.first_allocation, stretch.peak_allocation, excluding=storages)
         rise = {category: value - cached.get(category, 0) for category, value in stretch.rise.items()}
-        return _RecordedCall(flops, rise, spec, tuple(recorded))
+        return _RecordedCall(flops, rise, spec, tuple(recorded), stretch.site)
 
     def _replay(self, call: _RecordedCall):
         self.replayed += 1
-        self.memory.replay_rise(call.rise)
+        self.memory.replay_rise(call.rise, call.site, self.memory.parts[-1] if self.memory.parts else "other")
         self.flops.add(call.flops)
         with _real_factories(False):
             leaves = [
@@ -442,6 +453,13 @@ class UpdateCost:
     peak_by_category: dict[str, int] = field(default_factory=dict)
     #: Transformer calls replayed rather than simulated (:class:`RepeatedCallReplay`).
     replayed_calls: int = 0
+    #: Where the update was at the peak, in words (:func:`_allocation_site`).
+    peak_site: str = ""
+    #: The activations at the peak by the part of the update that made them: ``"transformer"``, ``"VAE"``,
+    #: ``"reward"`` (made by its forward: saved for the backward, still alive, or recomputed by checkpointing in a
+    #: backward pass), ``"backward"`` (the backward passes' gradients and temporaries), ``"other"`` (the trainer's
+    #: own tensors: latents, noise, losses).
+    peak_activations_by_part: dict[str, int] = field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -463,14 +481,234 @@ class UpdateCost:
         return self.peak_by_category.get("vae and reward", 0)
 
     @property
+    def dequantized_weight_bytes(self) -> int:
+        """A quantized base's weights dequantized to compute with, alive at the peak (:data:`DEQUANTIZED_CATEGORY`)."""
+        return self.peak_by_category.get(DEQUANTIZED_CATEGORY, 0)
+
+    @property
     def activation_bytes(self) -> int:
         """Everything else alive at the peak: activations saved for backward, temporaries, the latents."""
         return self.peak_by_category.get("activations", 0)
 
 
+#: Where a storage made by a simulated quantized layer's dequantization is counted (:class:`LiveBytes`).
+DEQUANTIZED_CATEGORY = "dequantized weights"
+#: bitsandbytes' fused 4-bit kernel on CUDA serves a product of at most this many rows without dequantizing the weight
+#: (``_GEMM_4BIT_CUSTOM_FLOOR_M``); above it, a Hopper GPU (and any GPU past 1536 rows) dequantizes and calls
+#: ``F.linear``, which the simulation takes for every size above it (the most memory: one layer's bf16 weight more).
+#: bitsandbytes' CPU backend always dequantizes (0).
+NF4_FUSED_MAX_ROWS = 4
+
+
+def _file_as_dequantized(tensor: torch.Tensor) -> torch.Tensor:
+    """Count ``tensor`` (just made) as a dequantized weight in every memory tracker running."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in _get_current_dispatch_mode_stack():
+        if isinstance(mode, LiveBytes):
+            mode.track(tensor, DEQUANTIZED_CATEGORY)
+    return tensor
+
+
+class SimulatedQuantizedLinear(torch.nn.Linear):
+    """A frozen linear layer as a quantization backend stores it, for the simulator: ``weight`` is a frozen parameter
+    holding the packed data (its real dtype and size, 8-bit storage for float8, whose bits an integer parameter holds so
+    that diffusers still reads the model's dtype as the compute dtype), the format's other tensors are buffers, and the
+    forward runs the backend's ops on them. Built by :func:`simulated_quantization` from a ``nn.Linear``; peft wraps it
+    with a LoRA as any ``nn.Linear`` (``compute_dtype`` gives the LoRA its dtype, as bitsandbytes' layers do).
+
+    The values are those of fake tensors (none): a layer for :func:`simulated_tensors` only."""
+
+    #: The ``--quantize`` name of the format.
+    format = ""
+
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype = torch.bfloat16):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = compute_dtype
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.weight = torch.nn.Parameter(self._packed_weight(linear.weight), requires_grad=False)
+
+    def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _new(self, like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+
+    @property
+    def weight_numel(self) -> int:
+        """Weights the layer holds (those of the unquantized layer)."""
+        return self.in_features * self.out_features
+
+    @property
+    def simulated_format(self) -> str:
+        """What ``quantization.quantization_of`` reports, so that the trainer treats the model as quantized."""
+        return self.format
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, format={self.format} (simulated)"
+
+
+class _NF4Linear(SimulatedQuantizedLinear):
+    """bitsandbytes' ``Linear4bit`` with NF4 and double quantization (bitsandbytes 0.50, QLoRA's format, as diffusers'
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` makes it):
+    ``weight``: two 4-bit codes a byte, ``[(n + 1) // 2, 1]`` uint8; its ``QuantState``: one absmax per 64 weights,
+    quantized to uint8 (``absmax``), their mean in fp32 (``offset``), and their own state: one fp32 absmax per 256
+    (``state2_absmax``) and the 256-entry fp32 code; and the 16-entry fp32 NF4 code. Each layer holds its own codes.
+
+    Forward (``MatMul4Bit``, ``gemm_4bit``): up to :data:`NF4_FUSED_MAX_ROWS` rows the fused kernel, without the
+    dequantized weight; above, the absmax dequantized (fp32), the offset added, the weight dequantized to the compute
+    dtype and ``F.linear``. Backward: the absmax and the weight dequantized again for the input's gradient; nothing but
+    the packed weight is kept between the two."""
+
+    format = "nf4"
+    blocksize = 64
+    state2_blocksize = 256
+
+    def _packed_weight(self, weight):
+        n = weight.numel()
+        blocks = -(-n // self.blocksize)
+        self.register_buffer("absmax", self._new(weight, (blocks,), torch.uint8))
+        self.register_buffer("offset", self._new(weight, (), torch.float32))
+        self.register_buffer("state2_absmax", self._new(weight, (-(-blocks // self.state2_blocksize),), torch.float32))
+        self.register_buffer("state2_code", self._new(weight, (256,), torch.float32))
+        self.register_buffer("code", self._new(weight, (16,), torch.float32))
+        return self._new(weight, ((n + 1) // 2, 1), torch.uint8)
+
+    def dequantized_absmax(self) -> torch.Tensor:
+        """``dequantize_blockwise`` of the 8-bit absmax: one fp32 per block (the offset not added)."""
+        return _file_as_dequantized(self.absmax.to(torch.float32))
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return _file_as_dequantized(self.weight.new_empty((self.out_features, self.in_features), dtype=dtype))
+
+    def forward(self, x):
+        inp_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return _NF4MatMul.apply(x, bias, self).to(inp_dtype)
+
+
+class _NF4MatMul(torch.autograd.Function):
+    """bitsandbytes' ``MatMul4Bit`` on a simulated NF4 layer (see :class:`_NF4Linear`)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer  # bitsandbytes keeps the packed weight, a parameter, alive anyway
+        rows = x.numel() // x.shape[-1]
+        if rows <= NF4_FUSED_MAX_ROWS:
+            # The fused kernel: the product's FLOPs and output, no dequantized weight (a 2-byte stand-in, expanded).
+            stand_in = layer.weight.new_empty((), dtype=x.dtype).expand(layer.out_features, layer.in_features)
+            return torch.nn.functional.linear(x, stand_in, bias)
+        # gemm_4bit's fallback: the absmax dequantized, the offset added into a new tensor, both kept until it returns.
+        absmax = layer.dequantized_absmax()
+        shifted = _file_as_dequantized(absmax + layer.offset)
+        weight = layer.dequantized_weight(x.dtype)
+        output = torch.nn.functional.linear(x, weight, bias)
+        del absmax, shifted, weight
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        layer = ctx.layer
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            absmax = layer.dequantized_absmax().add_(layer.offset)  # F.dequantize_4bit adds it in place
+            weight = layer.dequantized_weight(layer.compute_dtype).to(grad_output.dtype)
+            grad_x = torch.matmul(grad_output, weight)
+            del absmax, weight
+        return grad_x, None, None
+
+
+class _Int8Linear(SimulatedQuantizedLinear):
+    """torchao's int8 weight-only layer (torchao 0.18, ``Int8WeightOnlyConfig``: an ``Int8Tensor`` weight, per-row):
+    ``weight``: int8 ``[out, in]``; ``scale``: one fp32 per output row; ``zero_point``: one int8 per row (symmetric, so
+    zero, but held).
+
+    Forward (``F.linear`` of an ``Int8Tensor``): the int8 weight cast to the input's dtype, ``mm``, times the scale,
+    plus the bias. Under autograd the cast weight is what the ``mm`` keeps for the input's gradient."""
+
+    format = "int8"
+
+    def _packed_weight(self, weight):
+        self.register_buffer("scale", self._new(weight, (self.out_features, 1), torch.float32))
+        self.register_buffer("zero_point", self._new(weight, (self.out_features, 1), torch.int8))
+        return self._new(weight, (self.out_features, self.in_features), torch.int8)
+
+    def forward(self, x):
+        output_dtype = x.dtype
+        weight = _file_as_dequantized(self.weight.t().to(output_dtype))
+        m = torch.mm(x.reshape(-1, x.shape[-1]), weight)
+        del weight
+        y = m * self.scale.to(m.dtype).flatten()
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y += self.bias
+        return y.to(output_dtype)
+
+
+class _Float8Linear(SimulatedQuantizedLinear):
+    """torchao's float8 weight-only layer (torchao 0.18, ``Float8WeightOnlyConfig``: a ``Float8Tensor`` weight, e4m3,
+    per-row): ``weight``: the float8 bits, ``[out, in]`` bytes (a uint8 parameter, viewed as float8 to compute);
+    ``scale``: one fp32 per output row.
+
+    Forward (``F.linear`` of a ``Float8Tensor``, no activation quantization): the weight dequantized (float8 to fp32,
+    times the scale, to the compute dtype: the three alive at once) and ``matmul``, plus the bias. Under autograd
+    the dequantized weight is what the product keeps for the input's gradient."""
+
+    format = "float8"
+
+    def _packed_weight(self, weight):
+        self.register_buffer("scale", self._new(weight, (self.out_features, 1), torch.float32))
+        return self._new(weight, (self.out_features, self.in_features), torch.uint8)
+
+    def _dequantized(self) -> torch.Tensor:
+        # Float8Tensor.t() then dequantize(): _dequantize_affine_float8 of the transposed data and scale.
+        fp32 = _file_as_dequantized(self.weight.view(torch.float8_e4m3fn).t().to(torch.float32))
+        scaled = _file_as_dequantized(fp32 * self.scale.t())
+        return _file_as_dequantized(scaled.to(self.compute_dtype))
+
+    def forward(self, x):
+        output = torch.matmul(x, self._dequantized())
+        return output if self.bias is None else output + self.bias
+
+
+_SIMULATED_FORMATS = {cls.format: cls for cls in (_NF4Linear, _Int8Linear, _Float8Linear)}
+
+
+def simulated_quantization(module: torch.nn.Module, name: str, compute_dtype: torch.dtype = torch.bfloat16):
+    """Replace ``module``'s linear layers, in place, by the :class:`SimulatedQuantizedLinear` of format ``name``
+    (``nf4``, ``int8`` or ``float8``): the layers that ``diffusers_srpo.quantization.quantize_in_memory`` quantizes,
+    with the same bytes, for :func:`simulated_tensors` (where the backends cannot run). Call it where
+    ``quantize_in_memory`` would be called: after the model is built in its dtype, before a LoRA is added."""
+    if name not in _SIMULATED_FORMATS:
+        raise ValueError(f"simulated quantization is one of {', '.join(_SIMULATED_FORMATS)}, got {name!r}")
+    layer_class = _SIMULATED_FORMATS[name]
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear) or isinstance(child, SimulatedQuantizedLinear):
+                continue
+            if name != "nf4" and isinstance(child, torch.nn.modules.linear.NonDynamicallyQuantizableLinear):
+                continue  # torchao's quantize_ leaves these alone (bitsandbytes converts them)
+            setattr(parent, child_name, layer_class(child, compute_dtype))
+    return module
+
+
 def base_parameter_count(transformer: torch.nn.Module) -> int:
-    """Parameters of the transformer itself, without a LoRA added for training (11.9B for FLUX.1-dev)."""
-    return sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name)
+    """Parameters of the transformer itself, without a LoRA added for training (11.9B for FLUX.1-dev); a quantized
+    layer's weights counted as the unquantized layer's (bitsandbytes and the simulation pack two 4-bit weights a byte)."""
+    count = 0
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            continue
+        quant_state = getattr(p, "quant_state", None)  # bitsandbytes' Params4bit
+        count += math.prod(quant_state.shape) if quant_state is not None else p.numel()
+    for layer in transformer.modules():
+        if isinstance(layer, SimulatedQuantizedLinear):
+            count += layer.weight_numel - layer.weight.numel()
+    return count
 
 
 def _bytes_of(tensors) -> int:
@@ -502,6 +740,14 @@ class LiveBytes(TorchDispatchMode):
         self.allocations = 0
         #: The number of the last allocation before the peak (of the current :meth:`rise` stretch, inside one).
         self.peak_allocation = 0
+        #: Where the update was at the peak, in words (:func:`_allocation_site`).
+        self.peak_site = ""
+        #: The model parts running (innermost last; :meth:`in_part`): new activations are counted as theirs.
+        self.parts: list[str] = []
+        #: Bytes of ``"activations"`` by the part that made them, now and at the peak (:meth:`_part_now`).
+        self.activations_by_part: dict[str, int] = {}
+        self.peak_activations_by_part: dict[str, int] = {}
+        self._part_of: dict[int, str] = {}  # storage key -> part, for the activations
         # Whether a process group was initialized when the tracker was entered: FSDP's buffers are looked for then.
         self._distributed = False
         # Inside DTensor's sharding propagation (a depth): nothing is counted.
@@ -525,11 +771,39 @@ class LiveBytes(TorchDispatchMode):
             weakref.finalize(storage, self._free, key)
         self._live[key] = (category, size, number)
         self.current[category] = self.current.get(category, 0) + size
+        part = self._part_of.pop(key, None)
+        if part is not None:
+            self.activations_by_part[part] -= size
+        if category == "activations":
+            part = self._part_now()
+            self._part_of[key] = part
+            self.activations_by_part[part] = self.activations_by_part.get(part, 0) + size
         self._update_peak()
 
     def _free(self, key: int) -> None:
         category, size, _ = self._live.pop(key)
         self.current[category] -= size
+        part = self._part_of.pop(key, None)
+        if part is not None:
+            self.activations_by_part[part] -= size
+
+    def _part_now(self) -> str:
+        """The part of the update that makes an activation now: the model part whose forward runs (recomputed by
+        checkpointing too), else ``"backward"`` inside a backward pass, else ``"other"``."""
+        if self.parts:
+            return self.parts[-1]
+        return "backward" if torch._C._current_autograd_node() is not None else "other"
+
+    def in_part(self, module: torch.nn.Module, part: str) -> list:
+        """Count the activations made while ``module`` runs forward as ``part``'s; returns the hooks' handles."""
+
+        def enter(*_):
+            self.parts.append(part)
+
+        def leave(*_):
+            self.parts.pop()
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
 
     def _update_peak(self) -> None:
         total = sum(self.current.values())
@@ -537,6 +811,8 @@ class LiveBytes(TorchDispatchMode):
             self.peak_total = total
             self.peak = dict(self.current)
             self.peak_allocation = self.allocations
+            self.peak_site = _allocation_site(sys._getframe(1))
+            self.peak_activations_by_part = {part: size for part, size in self.activations_by_part.items() if size}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _has_dtensor(types):
@@ -554,9 +830,19 @@ class LiveBytes(TorchDispatchMode):
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self._live:
                 if category is None:
+                    category = self._category_of_copy(func, args)
+                if category is None:
                     category = _fsdp_category(_distributed_caller(sys._getframe())) if self._distributed else "activations"
                 self.track(tensor, category)
         return out
+
+    def _category_of_copy(self, func, args) -> str | None:
+        """A copy of a dequantized weight (autocast's cast of it to the compute dtype) is one too."""
+        if func in _COPIES and isinstance(args[0], torch.Tensor):
+            live = self._live.get(args[0].untyped_storage()._cdata)
+            if live is not None and live[0] == DEQUANTIZED_CATEGORY:
+                return DEQUANTIZED_CATEGORY
+        return None
 
     def __enter__(self):
         import torch.distributed as dist
@@ -630,22 +916,27 @@ class LiveBytes(TorchDispatchMode):
         new = storage.nbytes()
         self._live[key] = (category, new, number)
         self.current[category] += new - old
+        if key in self._part_of:
+            self.activations_by_part[self._part_of[key]] += new - old
         self._update_peak()
 
     @contextlib.contextmanager
     def rise(self) -> Iterator[Stretch]:
         """Measure a stretch of the run (:class:`Stretch`, filled on exit). The overall peak is kept as if nothing
         was measured."""
-        start, outer = dict(self.current), (self.peak_total, self.peak, self.peak_allocation)
+        start = dict(self.current)
+        outer = (self.peak_total, self.peak, self.peak_allocation, self.peak_site, self.peak_activations_by_part)
         self.peak_total, self.peak, self.peak_allocation = sum(start.values()), dict(start), self.allocations
+        self.peak_site = ""
         stretch = Stretch(first_allocation=self.allocations + 1)
         try:
             yield stretch
         finally:
             stretch.rise = {key: value - start.get(key, 0) for key, value in self.peak.items()}
             stretch.peak_allocation = self.peak_allocation
+            stretch.site = self.peak_site
             if outer[0] >= self.peak_total:
-                self.peak_total, self.peak, self.peak_allocation = outer
+                self.peak_total, self.peak, self.peak_allocation, self.peak_site, self.peak_activations_by_part = outer
 
     def alive_from(self, first: int, last: int, excluding: set[int] = frozenset()) -> dict[str, int]:
         """Bytes by category of the storages still alive among allocations ``first`` to ``last`` (and not in
@@ -656,11 +947,16 @@ class LiveBytes(TorchDispatchMode):
                 alive[category] = alive.get(category, 0) + size
         return alive
 
-    def replay_rise(self, rise: dict[str, int]) -> None:
-        """Count a stretch measured by :meth:`rise` as if it ran again from the current level."""
+    def replay_rise(self, rise: dict[str, int], site: str = "", part: str = "other") -> None:
+        """Count a stretch measured by :meth:`rise` as if it ran again from the current level (``site``: where the
+        stretch peaked; ``part``: whose activations it made)."""
         at_peak = {key: self.current.get(key, 0) + rise.get(key, 0) for key in {*self.current, *rise}}
         if sum(at_peak.values()) > self.peak_total:
             self.peak_total, self.peak = sum(at_peak.values()), at_peak
+            self.peak_site = f"{site} (a repeated call, replayed)"
+            by_part = dict(self.activations_by_part)
+            by_part[part] = by_part.get(part, 0) + rise.get("activations", 0)
+            self.peak_activations_by_part = {key: size for key, size in by_part.items() if size}
 
 
 def _fsdp_category(caller: tuple[str, str] | None) -> str:
@@ -676,6 +972,8 @@ def _fsdp_category(caller: tuple[str, str] | None) -> str:
 
 
 _INHERITED = object()  # LiveBytes._replace: an attribute that the class inherits
+#: Ops whose output is a copy of their first input (LiveBytes._category_of_copy).
+_COPIES = (_aten._to_copy.default, _aten.clone.default)
 
 try:
     _WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
@@ -691,6 +989,47 @@ class Stretch:
     first_allocation: int
     rise: dict[str, int] = field(default_factory=dict)
     peak_allocation: int = 0
+    #: Where the stretch peaked (:func:`_allocation_site`).
+    site: str = ""
+
+
+#: Model code by the package it lives in: the part of the update it is.
+_MODEL_PARTS = (
+    ("diffusers.models.transformers.", "transformer"),
+    ("diffusers.models.autoencoders.", "VAE"),
+    ("diffusers_srpo.rewards", "reward"),
+    ("open_clip", "reward"),
+    ("transformers.", "text encoder"),
+)
+
+
+def _allocation_site(frame) -> str:
+    """Where the update is at ``frame`` (an allocation's), in words: the part of the model running (the outermost frame
+    of a model's code, and the innermost frame outside torch), forward with or without gradient or backward (the
+    autograd node running), and the trainer's function it runs under. In a backward pass outside any recomputation no
+    model code runs: the node's name tells the op (a convolution's is most likely the VAE's)."""
+    part = outer = inner = trainer = None
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module != "torch" and not module.startswith("torch.") and module != __name__:
+            code = frame.f_code
+            name = getattr(code, "co_qualname", code.co_name)
+            inner = inner or name
+            for prefix, what in _MODEL_PARTS:
+                if module.startswith(prefix):
+                    part, outer = what, name
+            own = module.startswith("diffusers_srpo.") and not module.startswith("diffusers_srpo.rewards")
+            trainer = trainer or (name if own else None)
+        frame = frame.f_back
+    node = torch._C._current_autograd_node()
+    if node is not None:
+        phase = f"backward [{node.name()}]" + (", recomputing" if part else "")
+    else:
+        phase = "forward with gradient" if torch.is_grad_enabled() else "forward without gradient"
+    where = phase
+    if part:
+        where = f"{part}: {phase}; in {outer}" + (f" > {inner}" if inner != outer else "")
+    return where + (f"; from {trainer}" if trainer else "")
 
 
 def simulated_trainer(trainer_class, pipe, **kwargs):
@@ -743,6 +1082,14 @@ def simulate_update(trainer, step: int = 0, replay_repeated_calls: bool = True) 
         parameter.register_post_accumulate_grad_hook(lambda p: memory.track(p.grad, "gradients"))
         for parameter in trainer.trainable_parameters
     ]
+    # Every submodule, so that what checkpointing recomputes in a backward pass is its part's (the VAE runs through
+    # decode() and encode(), not its forward).
+    vae = trainer.pipe.vae
+    parts = [(transformer, "transformer"), (vae, "VAE"), (trainer.reward, "reward")]
+    for model, part in parts:
+        for module in model.modules():
+            if module is not vae:
+                hooks += memory.in_part(module, part)
     flop_counter = UpdateFlopCounter()
     sampling: list[int] = []
     training_step = trainer.training_step
@@ -770,4 +1117,6 @@ def simulate_update(trainer, step: int = 0, replay_repeated_calls: bool = True) 
         trainable_params=sum(p.numel() for p in trainer.trainable_parameters),
         peak_by_category=memory.peak,
         replayed_calls=replayer.replayed,
+        peak_site=memory.peak_site,
+        peak_activations_by_part=memory.peak_activations_by_part,
     )

@@ -16,7 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 # What the device tool brings back: at most 8 files, named with letters, digits, '.', '_' and '-'.
 RETURNED_FILE = re.compile(r"^[A-Za-z0-9._-]+$")
-FILES = {"gpu_check.log", "status.json", "summary.md", "bench_kernels.json", "bench_scale.json", "gpu_update.json"}
+FILES = {
+    "gpu_check.log", "status.json", "summary.md", "bench_kernels.json", "bench_scale.json", "gpu_update.json",
+    "gpu_update_24gb.json",
+}  # fmt: skip
 UPDATE_KEYS = {
     "measured", "complete", "date", "device", "device_type", "torch", "triton", "model", "method", "resolution",
     "batch_size", "rollout_steps", "max_sequence_length", "lora_rank", "checkpointing", "warmup", "steps",
@@ -62,7 +65,7 @@ def test_tiny_gpu_check_runs_every_step_and_writes_what_it_promises(tiny_check):
     status = _json(out, "status.json")
     steps = {step["step"]: step for step in status["steps"]}
     assert status["ok"] is True and status["mode"] == "tiny"
-    assert set(steps) == {"environment", "kernel_tests", "bench_kernels", "bench_scale", "gpu_update"}
+    assert set(steps) == {"environment", "kernel_tests", "bench_kernels", "bench_scale", "gpu_update", "gpu_update_24gb"}
     assert {step["status"] for step in steps.values()} == {"ok"}
     assert "skipped" in steps["kernel_tests"]["last_line"] or "passed" in steps["kernel_tests"]["last_line"]
     # The package ran from the source tree as setup.py lays it out (kernels/ as diffusers_srpo.kernels), not
@@ -77,6 +80,7 @@ def test_tiny_gpu_check_runs_every_step_and_writes_what_it_promises(tiny_check):
     for name in steps:
         assert f"| {name} | {steps[name]['status']} |" in summary
     assert "seconds per update: median" in summary and "MFU:" in summary
+    assert "## One update (gpu_update_24gb)" in summary and "transformer weights nf4" in summary
 
     kernels = _json(out, "bench_kernels.json")
     assert kernels["rows"] and _finite_positive(kernels["copy_bandwidth_gb_per_s"])
@@ -118,3 +122,14 @@ def test_tiny_gpu_check_measures_the_update_against_the_simulation(tiny_check):
         assert update["peak_measured_over_simulated"] == pytest.approx(
             update["max_memory_allocated_gib"] / simulated["peak_gib"]
         )
+
+
+def test_tiny_gpu_check_measures_the_24gb_recipe_on_the_same_model(tiny_check):
+    """Step 2: the same update with the transformer quantized NF4 in place and 8-bit AdamW."""
+    update, plain = _json(tiny_check, "gpu_update_24gb.json"), _json(tiny_check, "gpu_update.json")
+    assert update["complete"] is True and (update["quantize"], update["use_8bit_adam"]) == ("nf4", True)
+    assert (plain["quantize"], plain["use_8bit_adam"]) == ("none", False)
+    assert update["weight_dtype"] == "nf4 (compute in bfloat16)"
+    # The same model and LoRA: the weights counted unpacked, the trainable parameters identical.
+    assert update["params"] == plain["params"] and update["trainable_params"] == plain["trainable_params"]
+    assert all(_finite_positive(s) for s in update["update_s"]) and math.isfinite(update["last_logs"]["loss"])

@@ -20,9 +20,11 @@ import torch
 from diffusers_srpo.simulation import (
     LiveBytes,
     RepeatedCallReplay,
+    SimulatedQuantizedLinear,
     UpdateFlopCounter,
     simulate_update,
     simulated_process_group,
+    simulated_quantization,
     simulated_tensors,
     simulated_trainer,
 )
@@ -186,37 +188,100 @@ def test_simulated_update_is_the_same_with_replayed_rollout_steps(tmp_path, fres
     assert (replayed.peak_bytes, replayed.peak_by_category) == (simulated.peak_bytes, simulated.peak_by_category)
     assert (replayed.sampling_flops, replayed.gradient_flops) == (simulated.sampling_flops, simulated.gradient_flops)
     assert simulated.sampling_flops > 0
+    # Where the peak is, and whose activations are alive there: the same, and all the activations.
+    assert replayed.peak_site == simulated.peak_site
+    assert replayed.peak_activations_by_part == simulated.peak_activations_by_part
+    assert sum(simulated.peak_activations_by_part.values()) == simulated.peak_by_category["activations"]
+    assert simulated.peak_site
 
 
 def _trainer(
     name: str, output_dir: str, resolution: int, rollout_steps: int, checkpointing: int, method: str = "srpo", *,
-    simulated: bool = True, lora_rank: int = 32, fsdp_processes: int | None = None,
+    simulated: bool = True, lora_rank: int = 32, fsdp_processes: int | None = None, quantize: str = "none",
+    use_8bit_adam: bool = False,
 ):  # fmt: skip
     """The benchmark point's trainer: to simulate (inside ``simulated_tensors()``) or, ``simulated=False``, to measure;
-    ``fsdp_processes``: sharded over that many (inside ``simulated_process_group`` to simulate, torchrun to measure)."""
+    ``fsdp_processes``: sharded over that many (inside ``simulated_process_group`` to simulate, torchrun to measure);
+    ``quantize``: the transformer's linear layers simulated in that format, or really quantized to measure."""
     from diffusers_srpo.trainers import trainer_class_for
 
     args = bench_scale.parse_args(
         ["--model", name, "--method", method, "--resolution", str(resolution), "--rollout-steps", str(rollout_steps),
-         "--checkpointing", str(checkpointing), "--lora-rank", str(lora_rank)]
+         "--checkpointing", str(checkpointing), "--lora-rank", str(lora_rank), "--quantize", quantize]
         + (["--fsdp-processes", str(fsdp_processes)] if fsdp_processes else [])
+        + (["--use-8bit-adam"] if use_8bit_adam else [])
     )
     config = bench_scale.trainer_config(args, output_dir)
-    pipe = scale_models.build_pipeline(name, dtype=torch.bfloat16)
+    pipe = scale_models.build_pipeline(name, dtype=torch.bfloat16, quantize="none" if simulated else quantize)
+    if simulated and quantize != "none":
+        simulated_quantization(pipe.transformer, quantize)
     reward = scale_models.build_reward(name)
     trainer_class = trainer_class_for(config.method)
     build = functools.partial(simulated_trainer, trainer_class) if simulated else trainer_class
     return build(pipe, reward=reward, prompts=bench_scale.PROMPTS, config=config)
 
 
-def _measured_peak(trainer) -> tuple[int, int, int]:
+def _held(tensor: torch.Tensor):
+    """The plain tensors that ``tensor`` holds: a sharded tensor (DTensor) its local shard, a torchao weight (a tensor
+    subclass) its inner tensors, a bitsandbytes 4-bit weight itself and its quantization state's tensors."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.to_local()
+    if type(tensor).__module__.startswith("torchao"):
+        for name in tensor.__tensor_flatten__()[0]:
+            yield from _held(getattr(tensor, name))
+        return
+    yield tensor
+    states = [getattr(tensor, "quant_state", None)]
+    while states:  # bitsandbytes' QuantState: absmax, code, offset and the absmax's own state
+        state = states.pop()
+        for value in vars(state).values() if state is not None else ():
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif type(value).__name__ == "QuantState":
+                states.append(value)
+
+
+def _storages(tensors) -> dict[int, int]:
+    """Bytes of the storages that ``tensors`` hold (:func:`_held`), by storage."""
+    held = [t for tensor in tensors for t in _held(tensor)]
+    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in held}
+
+
+def _track_like_simulate_update(memory: LiveBytes, trainer) -> list:
+    """Count a real trainer's tensors in ``memory`` as ``simulate_update`` counts a simulated one's (a quantized weight
+    by the tensors it holds); returns the hooks' handles (gradients, model parts)."""
+    transformer = trainer.accelerator.unwrap_model(trainer.model)
+    for tensor in [*transformer.parameters(), *transformer.buffers()]:
+        for held in _held(tensor):
+            memory.track(held, "trained weights" if tensor.requires_grad else "frozen weights")
+    for tensor in [*trainer.pipe.vae.parameters(), *trainer.pipe.vae.buffers(), *trainer.reward.parameters()]:
+        memory.track(tensor, "vae and reward")
+    for tensor in trainer.reward.buffers():
+        memory.track(tensor, "vae and reward")
+    for state in trainer.optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                memory.track(value, "optimizer state")
+    hooks = [
+        parameter.register_post_accumulate_grad_hook(lambda p: memory.track(p.grad, "gradients"))
+        for parameter in trainer.trainable_parameters
+    ]
+    vae = trainer.pipe.vae
+    for model, part in [(transformer, "transformer"), (vae, "VAE"), (trainer.reward, "reward")]:
+        hooks += [hook for module in model.modules() if module is not vae for hook in memory.in_part(module, part)]
+    return hooks
+
+
+def _measured_peak(trainer, tensors: LiveBytes | None = None) -> tuple[int, int, int]:
     """(bytes alive before the update, their peak during it, the largest kernel workspace), from the CPU allocator's
-    own events (the profiler's memory records) for the same update the simulator runs.
+    own events (the profiler's memory records) for the same update the simulator runs; ``tensors``: a tracker that
+    counts the real update's tensors as the simulation counts its fake ones.
 
     A kernel workspace is memory an op allocates and frees inside itself (mkldnn's convolution backward, for one),
     which no tracker of tensors can see: the largest rise of the allocator inside one op that a dispatch mode sees,
     above both the op's start and its end."""
-    from torch.distributed.tensor import DTensor
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from diffusers_srpo.simulation import prepare_steady_update
@@ -226,22 +291,22 @@ def _measured_peak(trainer) -> tuple[int, int, int]:
         names: set[str] = set()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(f"aten::{func._opname}")
+            self.names.add(f"{func.namespace}::{func._opname}")  # aten's, and bitsandbytes' own ops
             return func(*args, **(kwargs or {}))
 
     prepare_steady_update(trainer)
     transformer = trainer.accelerator.unwrap_model(trainer.model)
     state = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    # A sharded (DTensor) weight or moment holds its local shard's storage.
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in [
+    before = sum(_storages([
         *transformer.parameters(), *transformer.buffers(), *trainer.pipe.vae.parameters(), *trainer.pipe.vae.buffers(),
         *trainer.reward.parameters(), *trainer.reward.buffers(), *state,
-    ]]  # fmt: skip
-    tensors = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in local}
-    before = sum(tensors.values())
+    ]).values())  # fmt: skip
+    hooks = [] if tensors is None else _track_like_simulate_update(tensors, trainer)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        with DispatchedOps():
+        with DispatchedOps(), tensors or contextlib.nullcontext():
             trainer._run_update(0, StopRequest())
+    for hook in hooks:
+        hook.remove()
     records = list(profile.profiler.kineto_results.events())
     # Every allocation and free of the CPU allocator, in order (the kineto records keep their sizes and times).
     events = sorted((e.start_ns(), e.nbytes()) for e in records if e.name() == "[memory]")
@@ -307,6 +372,187 @@ def test_bench_scale_refuses_a_bad_setting_in_one_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "bench_scale: resolution must be a multiple of 4 for this model, got 30"
+
+
+def _model_bytes(module: torch.nn.Module) -> int:
+    return sum(_storages([*module.parameters(), *module.buffers()]).values())
+
+
+def _format_bytes(quantize: str, layer: torch.nn.Linear) -> int:
+    """The bytes of one linear layer's weight quantized as ``quantize``, counted from the backends' layouts
+    (bitsandbytes 0.50 ``Params4bit`` and ``QuantState``, torchao 0.18 ``Int8Tensor`` and ``Float8Tensor``)."""
+    n, rows = layer.weight.numel(), layer.out_features
+    if quantize == "nf4":
+        blocks = -(-n // 64)
+        # two codes a byte, a uint8 absmax per 64, an fp32 offset, an fp32 absmax per 256 absmax, the 256-entry fp32
+        # code of the absmax and the 16-entry fp32 NF4 code
+        return (n + 1) // 2 + blocks + 4 + 4 * -(-blocks // 256) + 4 * 256 + 4 * 16
+    return n + rows * (4 + (1 if quantize == "int8" else 0))  # a byte a weight, an fp32 scale (+ int8 zero point) a row
+
+
+def _odd_layers() -> torch.nn.Module:
+    """Linear layers whose sizes are no multiples of bitsandbytes' blocks (its partial blocks count)."""
+    return torch.nn.Sequential(torch.nn.Linear(33, 7), torch.nn.Linear(7, 100, bias=False)).to(torch.bfloat16)
+
+
+def _quantizable(model: str, quantize: str = "none") -> torch.nn.Module:
+    """The tiny pipeline's transformer or :func:`_odd_layers` in bf16, quantized for real as ``quantize``."""
+    from diffusers_srpo.quantization import quantize_in_memory
+
+    module = scale_models.build_pipeline("tiny").transformer if model == "tiny" else _odd_layers()
+    return module if quantize == "none" else quantize_in_memory(module, quantize)
+
+
+@pytest.mark.parametrize("model", ["tiny", "odd"])
+@pytest.mark.parametrize("quantize", ["nf4", "int8", "float8"])
+def test_simulated_quantized_layers_hold_the_bytes_of_the_real_format(quantize, model):
+    """The tests' tiny FLUX transformer (and layers of odd sizes) quantized for real on this CPU
+    (``quantize_in_memory``: bitsandbytes NF4 with double quantization, torchao int8 or float8 weight-only) holds, byte
+    for byte, what the simulated one holds (every packed weight, absmax, scale, code and offset, in as many layers),
+    which is the backend's layout counted by hand; its parameters count as the bf16 model's."""
+    from diffusers_srpo.simulation import base_parameter_count
+
+    real = _quantizable(model, quantize)
+    with simulated_tensors():
+        fake = _quantizable(model)
+        linear = [m for m in fake.modules() if isinstance(m, torch.nn.Linear)]
+        weights = sum(m.weight.numel() * m.weight.element_size() for m in linear)
+        counted = _model_bytes(fake) - weights + sum(_format_bytes(quantize, m) for m in linear)
+        params = base_parameter_count(fake)
+        simulated_quantization(fake, quantize)
+        simulated = _model_bytes(fake)
+        simulated_layers = sum(isinstance(m, SimulatedQuantizedLinear) for m in fake.modules())
+    real_layers = sum(
+        type(m).__name__ == "Linear4bit" or type(getattr(m, "weight", None)).__module__.startswith("torchao")
+        for m in real.modules()
+    )  # fmt: skip
+    assert simulated == _model_bytes(real) == counted
+    assert simulated_layers == real_layers == len(linear)
+    assert base_parameter_count(fake) == base_parameter_count(real) == params
+
+
+def test_simulated_8bit_adamw_holds_bitsandbytes_state(tmp_path, fresh_accelerate_state):
+    """The simulated trainer's 8-bit AdamW is bitsandbytes' own on the fake gradients: its state (what the update counts
+    as ``optimizer state``) is byte for byte that of a real ``AdamW8bit`` after one step on real tensors of the LoRA's
+    shapes: two uint8 moments a weight and an fp32 absmax per 256 for a tensor of at least 4096 elements, two fp32
+    moments below (the 37M model's rank-4 LoRA has both), and the two 256-entry fp32 codes, shared."""
+    import bitsandbytes as bnb
+
+    from diffusers_srpo.simulation import prepare_steady_update
+
+    with simulated_tensors():
+        trainer = _trainer("flux-37m", str(tmp_path), 64, 2, 1, quantize="nf4", use_8bit_adam=True, lora_rank=4)
+        prepare_steady_update(trainer)
+        state = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        simulated = _storages(state)
+        shapes = [tuple(p.shape) for p in trainer.trainable_parameters]
+    parameters = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    optimizer = bnb.optim.AdamW8bit(parameters, lr=1e-4)
+    for parameter in parameters:
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    real = _storages([v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)])
+    assert {math.prod(shape) >= 4096 for shape in shapes} == {True, False}
+    assert sum(simulated.values()) == sum(real.values())
+    big = sum(math.prod(shape) for shape in shapes if math.prod(shape) >= 4096)
+    small = sum(math.prod(shape) for shape in shapes if math.prod(shape) < 4096)
+    blocks = sum(-(-math.prod(shape) // 256) for shape in shapes if math.prod(shape) >= 4096)
+    assert sum(real.values()) == 2 * big + 2 * 4 * blocks + 2 * 4 * small + 2 * 4 * 256
+
+
+@pytest.mark.slow
+def test_a_simulated_nf4_update_with_8bit_adam_saves_its_weights_and_state(tmp_path, fresh_accelerate_state):
+    """One SRPO LoRA update of the 37M FLUX-shaped model (64 px, 2 rollout steps, checkpointing) with an NF4 base and
+    8-bit AdamW: its frozen weights at the peak are exactly the bytes of the transformer really quantized on this CPU,
+    and its peak is below the bf16 update's with torch's AdamW by the weights and the optimizer state it saves, less
+    at most one layer's dequantized weight (simulated: 107.4 against 49.6 MiB, 60.5 MiB saved)."""
+    costs = {}
+    for quantize, adam8 in (("none", False), ("nf4", True)):
+        with simulated_tensors():
+            trainer = _trainer("flux-37m", str(tmp_path / quantize), 64, 2, 1, quantize=quantize, use_8bit_adam=adam8)
+            costs[quantize] = simulate_update(trainer)
+            layers = [m for m in trainer.pipe.transformer.modules() if isinstance(m, SimulatedQuantizedLinear)]
+    bf16, nf4 = costs["none"], costs["nf4"]
+    assert nf4.frozen_weight_bytes == _model_bytes(scale_models.build_pipeline("flux-37m", quantize="nf4").transformer)
+    saved = (bf16.frozen_weight_bytes - nf4.frozen_weight_bytes) + (
+        bf16.peak_by_category["optimizer state"] - nf4.peak_by_category["optimizer state"]
+    )
+    largest = max(m.weight_numel for m in layers)
+    print(f"peak bf16 {bf16.peak_bytes / 2**20:.1f} MiB, nf4 + 8-bit AdamW {nf4.peak_bytes / 2**20:.1f} MiB, weights "
+          f"and state saved {saved / 2**20:.1f} MiB; at the peak: {nf4.peak_site}")  # fmt: skip
+    assert 0 <= saved - (bf16.peak_bytes - nf4.peak_bytes) <= 2 * largest + 2 * 4 * largest // 64
+    assert nf4.transformer_params == bf16.transformer_params
+    assert (nf4.sampling_flops, nf4.gradient_flops) == (bf16.sampling_flops, bf16.gradient_flops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_simulated_quantized_update_holds_the_tensors_of_the_real_one(
+    tmp_path, fresh_accelerate_state, monkeypatch, quantize
+):
+    """The 37M FLUX-shaped model with its transformer quantized for real on this CPU (torchao int8 weight-only or
+    bitsandbytes NF4), one SRPO LoRA update with 8-bit AdamW at 128 px, checkpointing on: the tensors of the real
+    update, counted by the simulator's tracker, peak where and as high as the simulated ones, byte for byte in every
+    category and model part (int8: 80.2 MiB, in a transformer block recomputed for the backward, 16 MiB of it the
+    block's dequantized weights that autograd keeps; NF4: 61.0 MiB, in the VAE's backward). The CPU allocator's peak is
+    above by no more than the largest kernel workspace: torchao's ops are torch's (82.1 MiB measured), bitsandbytes'
+    CPU backend dequantizes in torch ops inside its own (``gemm_4bit``: 24 MiB of temporaries in the largest layer,
+    where CUDA writes the bf16 weight alone; 69.0 MiB measured). Like bitsandbytes' CPU backend, the simulation
+    dequantizes for every product here (CUDA's fused kernel takes the products of a few rows)."""
+    from diffusers_srpo import simulation
+
+    monkeypatch.setattr(simulation, "NF4_FUSED_MAX_ROWS", 0)
+    point = dict(resolution=128, rollout_steps=2, checkpointing=1, quantize=quantize, use_8bit_adam=True)
+    with simulated_tensors():
+        simulated = simulate_update(_trainer("flux-37m", str(tmp_path / "fake"), **point))
+    torch.manual_seed(0)
+    trainer = _trainer("flux-37m", str(tmp_path / "real"), **point, simulated=False)
+    tensors = LiveBytes()
+    before, measured, workspace = _measured_peak(trainer, tensors)
+    print(f"{quantize}: simulated peak {simulated.peak_bytes / 2**20:.1f} MiB, the real tensors' "
+          f"{tensors.peak_total / 2**20:.1f} MiB, the allocator's {measured / 2**20:.1f} MiB (before the update "
+          f"{before / 2**20:.1f} MiB, largest kernel workspace {workspace / 2**20:.1f} MiB); simulated at the peak: "
+          f"{simulated.peak_site}")  # fmt: skip
+    # The real tensors are not told apart as dequantized weights: those are the transformer's activations there.
+    categories, parts = dict(simulated.peak_by_category), dict(simulated.peak_activations_by_part)
+    dequantized = categories.pop(simulation.DEQUANTIZED_CATEGORY, 0)
+    categories["activations"] += dequantized
+    parts["transformer"] = parts.get("transformer", 0) + dequantized
+    assert tensors.peak_total == simulated.peak_bytes
+    assert {k: v for k, v in tensors.peak.items() if v} == {k: v for k, v in categories.items() if v}
+    assert tensors.peak_activations_by_part == {k: v for k, v in parts.items() if v}
+    simulated_rise, measured_rise = simulated.peak_bytes - before, measured - before
+    assert 0.99 * simulated_rise <= measured_rise <= 1.01 * (simulated_rise + workspace)
+
+
+def test_bench_scale_refuses_a_quantized_full_fine_tune_in_one_line(capsys):
+    """The trainer refuses a quantized transformer's full fine-tune, but cannot tell a simulated one: the script does."""
+    assert bench_scale.main(["--model", "tiny", "--method", "srpo", "--quantize", "int8", "--lora-rank", "0"]) == 2
+    message = "bench_scale: --quantize int8: a full fine-tune needs float weights; train a LoRA"
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_the_quantized_grid_and_its_table():
+    """--quantized-grid: SRPO's LoRA at 720 and 512 px, each format with and without 8-bit AdamW, and NF4 with 8-bit
+    AdamW and the reward in bf16; its table has a row per point and says where each peak is."""
+    points = bench_scale.quantized_points("flux.1-dev")
+    assert len(points) == 18 and {p["resolution"] for p in points} == {720, 512}
+    assert {(p["quantize"], p["use_8bit_adam"]) for p in points if p["reward_dtype"] == "float32"} == {
+        (q, adam8) for q in scale_models.QUANTIZE_NAMES for adam8 in (True, False)
+    }
+    bf16_reward = [(p["quantize"], p["use_8bit_adam"]) for p in points if p["reward_dtype"] == "bfloat16"]
+    assert bf16_reward == [("nf4", True)] * 2
+    split = {"frozen_weights": 5.72, "training_state": 0.84, "vae_and_reward": 1.99, "activations": 4.7}
+    result = {
+        **points[1], "peak_gib": 13.26, "peak_split_gib": {**split, "dequantized_weights": 0.0}, "fits_gb": {"24": True},
+        "peak_site": "backward [ConvolutionBackward0]; from diffusers_srpo.trainers.base.BaseTrainer._run_update",
+        "peak_activations_by_part_gib": {"VAE": 2.77, "transformer": 1.69, "backward": 0.25, "other": 0.01},
+    }  # fmt: skip
+    row = bench_scale.markdown_table([result]).splitlines()[-1]
+    assert row == (
+        "| srpo | nf4 | yes | bf16 | 720 | 13.26 | 5.72 | 0.84 | 1.99 | 4.70 | 0.00 | yes | backward "
+        "[ConvolutionBackward0]; from BaseTrainer._run_update; activations: VAE 2.77, transformer 1.69, backward 0.25 |"
+    )
 
 
 def _category_bytes(cost) -> dict[str, int]:

@@ -254,3 +254,66 @@ def test_vocabulary_constants():
     assert ATTRIBUTE_VALUES == {"colour": COLOURS, "shape": SHAPES, "lighting": LIGHTINGS, "texture": TEXTURES}
     assert ATTRIBUTES == ("colour", "shape", "lighting", "texture")
     assert len(all_attribute_combinations()) == len(COLOURS) * len(SHAPES) * len(LIGHTINGS) * len(TEXTURES)
+
+
+def test_demo_on_an_int8_base_writes_a_lora_that_a_stock_pipeline_loads(tmp_path, monkeypatch):
+    """run_demo(quantize="int8") trains on a quantized transformer; its LoRA loads on the unquantized pipeline with
+    diffusers' own load_lora_weights, and moves what it draws."""
+    from diffusers_srpo import trainers
+    from diffusers_srpo.quantization import quantization_of
+    from diffusers_srpo.toyworld.demo import run_demo
+    from diffusers_srpo.toyworld.generator import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, load_pipeline
+
+    seen = []
+
+    class RecordingTrainer(trainers.SRPOTrainer):
+        def __init__(self, pipe, **kwargs):
+            seen.append(quantization_of(pipe.transformer))
+            super().__init__(pipe, **kwargs)
+
+    monkeypatch.setattr(trainers, "SRPOTrainer", RecordingTrainer)
+    output_dir = tmp_path / "demo"
+    metrics = run_demo(str(output_dir), max_train_steps=2, evaluation_seeds=1, evaluate_every=2, quantize="int8")
+    assert seen and seen[0] is not None and seen[0].startswith("torchao"), seen
+    assert metrics["quantize"] == "int8" and metrics["use_8bit_adam"] is False and len(metrics["history"]) == 2
+    with open(output_dir / "metrics.json") as f:
+        assert json.load(f)["quantize"] == "int8"
+    assert "frozen base while training**: torchao" in (output_dir / "README.md").read_text()
+
+    pipe = load_pipeline()
+    assert quantization_of(pipe.transformer) is None
+
+    def draw():
+        return pipe(
+            ["a red circle", "a blue square"],
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            num_inference_steps=4,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
+
+    base = draw()
+    pipe.load_lora_weights(str(output_dir))
+    with safe_open(str(output_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
+        written = {key.removeprefix("transformer.") for key in f.keys()}
+    layers = {name for name, module in pipe.transformer.named_modules() if hasattr(module, "lora_A")}
+    assert written == {f"{layer}.lora_{part}.weight" for layer in layers for part in "AB"}  # every key applied
+    assert pipe.get_active_adapters()
+    tuned = draw()
+    assert torch.isfinite(tuned).all() and (tuned - base).abs().max() > 1e-2, (tuned - base).abs().max()
+
+
+def test_demo_refuses_an_unknown_quantization_in_one_line_before_loading(tmp_path, monkeypatch):
+    from diffusers_srpo.toyworld import demo
+
+    def no_loading():
+        raise AssertionError("run_demo loaded the pipeline before checking quantize")
+
+    monkeypatch.setattr(demo, "load_pipeline", no_loading)
+    monkeypatch.setattr(demo, "load_reward", no_loading)
+    with pytest.raises(ValueError, match="'int4'") as error:
+        demo.run_demo(str(tmp_path / "demo"), quantize="int4")
+    assert "\n" not in str(error.value) and "nf4" in str(error.value)
+    assert not (tmp_path / "demo").exists()

@@ -57,7 +57,9 @@ def check_control_words(positive_word: str, negative_word: str) -> str:
     """The style attribute two control words name; a clear error unless both are values of one style."""
     positive, negative = style_attribute_of(positive_word), style_attribute_of(negative_word)
     if positive_word == negative_word:
-        raise ValueError(f"the positive and the negative control word are both {positive_word!r}; expected two values of one style")
+        raise ValueError(
+            f"the positive and the negative control word are both {positive_word!r}; expected two values of one style"
+        )
     if positive != negative:
         raise ValueError(
             f"control words {positive_word!r} and {negative_word!r} name different styles; expected two values "
@@ -114,6 +116,7 @@ def demo_config(
     positive_word: str = "bright",
     negative_word: str = "dark",
     overwrite_output_dir: bool = False,
+    use_8bit_adam: bool = False,
 ):
     """The demo's ``SRPOConfig``; a clear error for any bad setting, before anything is loaded."""
     from ..trainers import SRPOConfig
@@ -131,23 +134,38 @@ def demo_config(
         word_schedule="fixed",
         checkpointing_steps=0,
         validation_steps=0,
+        use_8bit_adam=use_8bit_adam,
     )
 
 
-def run_demo(output_dir: str, evaluation_seeds: int = 4, evaluate_every: int = 5, **settings) -> dict:
+def run_demo(
+    output_dir: str,
+    evaluation_seeds: int = 4,
+    evaluate_every: int = 5,
+    quantize: str | None = None,
+    use_8bit_adam: bool = False,
+    **settings,
+) -> dict:
     """Train an SRPO LoRA on the toy world and write the LoRA, grids, curves and metrics to ``output_dir``.
 
     ``settings`` are those of :func:`demo_config` (``max_train_steps``, ``learning_rate``, ``seed``, the control
-    words, ``overwrite_output_dir``), with its defaults. The defaults stop before reward hacking takes over: at 40
-    updates the unprompted bright fraction reaches about 0.8, but some objects fade into an empty bright canvas
-    (which the reward scores as "bright") and the oracle's colour accuracy falls from 0.96 to 0.75
-    (benchmarks/toyworld/RESULTS.md).
+    words, ``overwrite_output_dir``), with its defaults. ``quantize`` (``"nf4"``, ``"int8"`` or ``"float8"``:
+    :data:`diffusers_srpo.quantization.QUANTIZE_CHOICES`) trains the LoRA on a frozen base quantized in memory
+    (computed in the pipeline's dtype), rollouts and evaluations included; ``use_8bit_adam`` steps it with
+    bitsandbytes' 8-bit AdamW. The seeds and the evaluation noises are the same either way, and the metrics record
+    both settings (benchmarks/toyworld/quantized_quality.py compares the bases).
+
+    The defaults stop before reward hacking takes over: at 40 updates the unprompted bright fraction reaches about
+    0.8, but some objects fade into an empty bright canvas (which the reward scores as "bright") and the oracle's
+    colour accuracy falls from 0.96 to 0.75 (benchmarks/toyworld/RESULTS.md).
     """
     from ..atomic import staged_outputs
+    from ..quantization import check_quantize, quantize_in_memory
     from ..rewards import SemanticRelativeReward
     from ..trainers import SRPOTrainer
 
-    config = demo_config(output_dir, **settings)
+    check_quantize(quantize)
+    config = demo_config(output_dir, use_8bit_adam=use_8bit_adam, **settings)
     (positive_word,), (negative_word,) = config.positive_words, config.negative_words
     max_train_steps = config.max_train_steps
     for name, value in (("evaluation_seeds", evaluation_seeds), ("evaluate_every", evaluate_every)):
@@ -156,7 +174,10 @@ def run_demo(output_dir: str, evaluation_seeds: int = 4, evaluate_every: int = 5
     started = time.perf_counter()
     reward = load_reward()
     prompts = list(CONTENT_PROMPTS)
-    trainer = SRPOTrainer(load_pipeline(), reward=reward, prompts=prompts, config=config)
+    pipe = load_pipeline()
+    if quantize is not None:
+        quantize_in_memory(pipe.transformer, quantize, compute_dtype=pipe.transformer.dtype)
+    trainer = SRPOTrainer(pipe, reward=reward, prompts=prompts, config=config)
     srp = SemanticRelativeReward(reward, [positive_word], [negative_word], word_schedule="fixed")
     seeds = [EVALUATION_SEED_BASE + i for i in range(evaluation_seeds)]  # the same noises whatever the training seed
 
@@ -173,6 +194,8 @@ def run_demo(output_dir: str, evaluation_seeds: int = 4, evaluate_every: int = 5
         "prompts": prompts,
         "control_words": {"positive": positive_word, "negative": negative_word},
         "max_train_steps": max_train_steps,
+        "quantize": quantize,
+        "use_8bit_adam": use_8bit_adam,
         "evaluation_seeds": seeds,
         "before": before,
         "after": after,
@@ -208,7 +231,9 @@ def plot_curves(history: list[dict], before: dict, positive_word: str, path: str
         if history and key in history[0]:
             reward_axis.plot(steps, [h[key] for h in history], alpha=0.6, label=f"training SRP, {label}")
     evaluated = [(0, before)] + [(i + 1, h) for i, h in enumerate(history) if "evaluation_srp" in h]
-    reward_axis.plot([s for s, _ in evaluated], [h["evaluation_srp"] for _, h in evaluated], "k.-", label="evaluation SRP")
+    reward_axis.plot(
+        [s for s, _ in evaluated], [h["evaluation_srp"] for _, h in evaluated], "k.-", label="evaluation SRP"
+    )
     reward_axis.set_xlabel("update")
     reward_axis.set_ylabel("SRP reward")
     reward_axis.legend(fontsize=7)

@@ -32,6 +32,7 @@ import torch
 from ..atomic import move_into_place, staged_outputs
 from ..models import TextConditioning, get_model_adapter
 from ..prompts import load_prompts
+from ..quantization import quantization_of
 from . import sharding
 from .checkpoints import (
     CHECKPOINT_PREFIX,
@@ -144,6 +145,15 @@ class BaseTrainer:
             "or choose another folder",
         )
         self.resume_checkpoint = self.check_files(self.config)
+        # A quantized transformer cannot change dtype (fp32 master weights) or be sharded: it carries a LoRA.
+        self.quantization = quantization_of(pipe.transformer)
+        if self.quantization and not self.config.use_lora:
+            raise ValueError(
+                f"the transformer is quantized ({self.quantization}): a full fine-tune needs its weights in a float "
+                "dtype; train a LoRA (use_lora=True) or load the transformer unquantized"
+            )
+        if self.quantization and self.config.fsdp:
+            raise ValueError(f"fsdp=True cannot shard a quantized transformer ({self.quantization}): leave fsdp off")
         self.reward = self.prepare_reward(reward)
 
         from accelerate import Accelerator
@@ -310,7 +320,13 @@ class BaseTrainer:
         if not self.trainable_parameters:
             raise ValueError("nothing to train: no transformer parameter requires grad (check lora_target_modules)")
 
-        optimizer = torch.optim.AdamW(
+        if config.use_8bit_adam:
+            import bitsandbytes
+
+            adamw = bitsandbytes.optim.AdamW8bit
+        else:
+            adamw = torch.optim.AdamW
+        optimizer = adamw(
             self.trainable_parameters,
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
@@ -454,10 +470,18 @@ class BaseTrainer:
 
     def euler_step(self, latents: torch.Tensor, sigma, sigma_next, text: TextConditioning, guidance: float) -> torch.Tensor:
         """One Euler step ``x + (sigma_next - sigma) * v`` of the current model (with gradient where enabled)."""
-        size = self.config.resolution
-        # Through the prepared model: under FSDP only the wrapper holds whole parameters.
-        velocity = self.adapter.predict_velocity(self.model, latents, sigma, text, guidance, size, size)
+        velocity = self.velocity(latents, sigma, text, guidance)
         return latents + (sigma_next - sigma) * velocity
+
+    def velocity(self, latents: torch.Tensor, sigma, text: TextConditioning, guidance: float) -> torch.Tensor:
+        """The prepared model's velocity at ``latents`` (through the wrapper: under FSDP only it holds whole
+        parameters). A quantized transformer gets its inputs in the compute dtype, as a pipeline gives them:
+        bitsandbytes' and torchao's int8 layers compute in their input's dtype, out of autocast's reach, so fp32
+        latents would make its whole residual stream fp32 (more memory, fp32 matmuls)."""
+        if self.quantization:
+            latents = latents.to(self.weight_dtype)
+        size = self.config.resolution
+        return self.adapter.predict_velocity(self.model, latents, sigma, text, guidance, size, size)
 
     def decode_and_score(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Packed latents -> images -> the reward ``[B]``, differentiable in the latents."""
@@ -609,6 +633,10 @@ class BaseTrainer:
             f"{self.samples_per_update} ({self.accelerator.num_processes} processes x {self.config.train_batch_size} "
             f"x {self.config.gradient_accumulation_steps} accumulated{', sharded with FSDP' if self.config.fsdp else ''})"
         )
+        if self.quantization:
+            details["frozen base while training"] = f"{self.quantization} (the LoRA loads on the unquantized model)"
+        if self.config.use_8bit_adam:
+            details["optimizer"] = "bitsandbytes 8-bit AdamW"
         if self.skipped_updates:
             details["updates skipped (non-finite loss, reward or gradient)"] = str(self.skipped_updates)
         lines = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import string
@@ -125,6 +126,13 @@ class TrainerConfig:
     adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
     adam_weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay."))
+    use_8bit_adam: bool = field(
+        default=False,
+        metadata=_help(
+            "bitsandbytes' 8-bit AdamW: the two moments in 8 bits (block-wise quantized), a quarter of AdamW's state. "
+            "Needs bitsandbytes; not with fsdp."
+        ),
+    )
     lr_scheduler: str = field(
         default="constant",
         metadata=_help("Learning-rate schedule of diffusers.optimization.get_scheduler (constant, linear, cosine, ...)."),
@@ -276,6 +284,11 @@ class TrainerConfig:
             raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.eval_steps and not self.eval_prompts:
             raise ValueError(f"eval_steps={self.eval_steps} needs eval_prompts (held-out prompts), got {self.eval_prompts!r}")
+        if self.fsdp and self.use_8bit_adam:
+            raise ValueError("use_8bit_adam=True with fsdp=True is not supported (bitsandbytes steps whole tensors, not shards)")
+        if self.use_8bit_adam:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("use_8bit_adam=True needs bitsandbytes, which is not installed: pip install 'diffusers-srpo[quantization]'")
         if self.fsdp and self.mixed_precision == "fp16":
             raise ValueError("fsdp=True with mixed_precision='fp16' is not supported (no sharded loss scaling): use 'bf16'")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -41,7 +41,6 @@ class ReFLTrainer(BaseTrainer):
 
     def training_step(self, step: int, micro_step: int = 0) -> StepOutput:
         config, accelerator = self.config, self.accelerator
-        size = config.resolution
         prompts, text = self.step_prompts(step, micro_step)
         noise = self.step_noise(step, len(prompts), micro_step=micro_step)
         index = self.late_step_index(step, micro_step)
@@ -51,7 +50,7 @@ class ReFLTrainer(BaseTrainer):
 
         def compute() -> torch.Tensor:
             with accelerator.autocast():
-                velocity = self.adapter.predict_velocity(self.model, latents, sigma, text, config.rollout_guidance, size, size)
+                velocity = self.velocity(latents, sigma, text, config.rollout_guidance)
                 x0_estimate = self.scheduler.one_step_x0(velocity.float(), latents.float(), sigma)
                 scores = self.decode_and_score(x0_estimate, prompts)
             logs["reward"] = scores.detach().mean().item()

@@ -123,9 +123,7 @@ class SRPOTrainer(BaseTrainer):
                 with accelerator.autocast():
                     noisy = scheduler.add_noise_prior(x0, noise, sigma_from)
                     timestep = scheduler.training_timestep(sigma_from)
-                    velocity = self.adapter.predict_velocity(
-                        self.model, noisy, timestep, text, config.train_guidance, size, size
-                    )
+                    velocity = self.velocity(noisy, timestep, text, config.train_guidance)
                     # Recovery divides by (1 - sigma_to): do it in fp32, not in the weight dtype. The recovered
                     # x0 is written in the VAE's input layout in the same pass (one fused kernel on CUDA).
                     vae_input = self.adapter.recover_vae_input(
