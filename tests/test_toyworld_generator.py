@@ -1,5 +1,7 @@
 """The shipped toy-world generator: loads offline, draws what it is asked, and SRPO steers its style."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,3 +64,116 @@ def test_srpo_with_bright_over_dark_raises_the_oracle_bright_fraction(tmp_path):
         assert after["oracle_colour_accuracy"] >= before["oracle_colour_accuracy"] - 0.15, (before, after)
     print("oracle bright-fraction gains per training seed:", gains)
     assert min(gains) > 0 and np.mean(gains) > np.max(gains) - np.min(gains)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The second generation's staged trainer (diffusers_srpo/toyworld/staged_training.py), on a tiny config.
+
+
+def _tiny_run(run_dir, **overrides):
+    import dataclasses
+
+    from diffusers_srpo.testing import TinyFluxConfig
+    from diffusers_srpo.toyworld.staged_training import RunSettings, start_run
+
+    settings = RunSettings(
+        seed=3,
+        image_size=16,
+        model=dataclasses.asdict(TinyFluxConfig()),
+        vae_batch_size=4,
+        flow_batch_size=4,
+        vae_warmup_steps=2,
+        flow_warmup_steps=2,
+        latent_statistics_images=64,
+        **overrides,
+    )
+    start_run(str(run_dir), settings)
+    return settings
+
+
+def _weight_bytes(path) -> bytes:
+    from safetensors.torch import save
+
+    return save(torch.load(path, weights_only=True)["model"])
+
+
+def test_staged_trainer_resumes_to_the_same_bytes(tmp_path):
+    from diffusers_srpo.toyworld.staged_training import freeze_vae_for_flow, train_stage
+
+    torch.set_num_threads(1)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for run in (straight, split):
+        _tiny_run(run)
+    # The VAE stage: 4 steps straight against 2 + 2 with a resume (the schedule's warm-up spans the boundary).
+    train_stage(str(straight), "vae", steps=4, verbose=False)
+    train_stage(str(split), "vae", steps=2, verbose=False)
+    train_stage(str(split), "vae", steps=2, verbose=False)
+    assert _weight_bytes(straight / "vae" / "checkpoint.pt") == _weight_bytes(split / "vae" / "checkpoint.pt")
+    for run in (straight, split):
+        freeze_vae_for_flow(str(run), _tiny_run(run))
+    # The flow stage: the same, with random padding lengths and noises drawn across the boundary.
+    train_stage(str(straight), "flow", steps=4, eval_every=-1, verbose=False)
+    train_stage(str(split), "flow", steps=2, eval_every=-1, verbose=False)
+    row = train_stage(str(split), "flow", steps=2, eval_every=-1, verbose=False)
+    assert row["resumed_from"] == "full" and (row["start_step"], row["end_step"]) == (2, 4)
+    assert _weight_bytes(straight / "flow" / "checkpoint.pt") == _weight_bytes(split / "flow" / "checkpoint.pt")
+    assert _weight_bytes(straight / "flow" / "checkpoint.pt") != _weight_bytes(tmp_path / "split" / "flow" / "vae.pt")
+    log = json.loads((split / "log.json").read_text())
+    assert [r["end_step"] for r in log if r["kind"] == "sitting"] == [2, 4, 2, 4]
+
+
+def test_portable_checkpoint_resumes_deterministically(tmp_path):
+    from diffusers_srpo.toyworld.staged_training import freeze_vae_for_flow, train_stage, write_portable
+
+    torch.set_num_threads(1)
+    results = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        settings = _tiny_run(run, rewarm_steps=2)
+        train_stage(str(run), "vae", steps=1, verbose=False)
+        freeze_vae_for_flow(str(run), settings)
+        train_stage(str(run), "flow", steps=2, eval_every=-1, verbose=False)
+        write_portable(str(run), dtype=torch.bfloat16)  # the committed form
+        (run / "flow" / "checkpoint.pt").unlink()  # a fresh machine: only the portable file came along
+        row = train_stage(str(run), "flow", steps=2, eval_every=-1, verbose=False)
+        assert row["resumed_from"] == "portable"
+        results.append(_weight_bytes(run / "flow" / "checkpoint.pt"))
+    assert results[0] == results[1]
+
+
+def test_collapsed_padding_is_what_the_stock_512_token_call_computes():
+    """A position-free T5 encodes every pad alike, so the transformer on the caption plus one pad token weighted
+    by log(count) computes what it computes on FluxPipeline's default 512-token context."""
+    from diffusers_srpo.testing import TinyFluxConfig
+    from diffusers_srpo.toyworld.generator2 import gen2_components, joint_attention_bias
+    from diffusers_srpo.toyworld.staged_training import PADDING_LENGTHS, TEXT_CONTEXT, text_cache
+
+    pipe = FluxPipeline(**gen2_components(seed=0, config=TinyFluxConfig()))
+    captions = ["dark, grainy. a red circle", "a blue square"]
+    with torch.no_grad():
+        full, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=512)
+    cache = text_cache(pipe, captions)
+    index = PADDING_LENGTHS.index(512)
+    short = torch.stack([cache["embeds"][c][index] for c in captions])
+    bias = torch.stack([cache["bias"][c][index] for c in captions])
+    assert torch.equal(torch.stack([cache["pooled"][c] for c in captions]), pooled)
+    img_ids = pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+    inputs = {
+        "hidden_states": torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0)),
+        "timestep": torch.tensor([0.3, 0.8]),
+        "guidance": torch.tensor([3.5, 3.5]),
+        "pooled_projections": pooled,
+        "img_ids": img_ids,
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        stock = pipe.transformer(encoder_hidden_states=full, txt_ids=text_ids, **inputs)[0]
+        collapsed = pipe.transformer(
+            encoder_hidden_states=short,
+            txt_ids=torch.zeros(TEXT_CONTEXT, 3),
+            joint_attention_kwargs={"attention_mask": joint_attention_bias(bias, 16)},
+            **inputs,
+        )[0]
+        unweighted = pipe.transformer(encoder_hidden_states=full[:, :TEXT_CONTEXT], txt_ids=text_ids[:16], **inputs)[0]
+    assert (stock - collapsed).abs().max() < 1e-5
+    assert (stock - unweighted).abs().max() > 1e-3  # the pads' weight is what a shorter context gets wrong
