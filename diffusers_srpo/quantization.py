@@ -49,17 +49,23 @@ _IMPORT_TIME_LOGGERS = ("bitsandbytes", "kernels", "torch.utils._pytree", "diffu
 
 
 def import_backends_quietly() -> None:
-    """Import diffusers' quantizers, which import bitsandbytes and torchao when they are installed, with those
-    libraries' import-time warnings silenced (and only those: the loggers' levels are restored after the import),
-    so that a command's error stays one line."""
+    """Import diffusers' quantizers, which import bitsandbytes and torchao when they are installed, offline and with
+    those libraries' import-time warnings silenced (and only those: the loggers' levels and the hub's offline flag
+    are restored after the import), so that importing this package never reaches the network and a command's error
+    stays one line. bitsandbytes' CPU backend fetches an optional kernel from the hub on import, on CPUs with
+    AVX512-BF16; offline, it keeps its own."""
     if "diffusers.quantizers" in sys.modules:
         return
+    from huggingface_hub import constants
+
     loggers = [logging.getLogger(name) for name in _IMPORT_TIME_LOGGERS]
     levels = [logger.level for logger in loggers]
     with contextlib.ExitStack() as restore:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(logging.ERROR)
             restore.callback(logger.setLevel, level)
+        restore.callback(setattr, constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+        constants.HF_HUB_OFFLINE = True
         import diffusers.quantizers  # noqa: F401
 
 

@@ -1055,22 +1055,15 @@ def prepare_steady_update(trainer) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def simulate_update(trainer, step: int = 0, replay_repeated_calls: bool = True) -> UpdateCost:
-    """Run update ``step`` of ``trainer`` (built inside :func:`simulated_tensors`) and count its memory and FLOPs.
-
-    ``replay_repeated_calls``: simulate each distinct no-grad call of the transformer once and replay its repeats
-    (:class:`RepeatedCallReplay`; the same numbers, in a fraction of the time). A trainer with ``fsdp=True`` built
-    inside :func:`simulated_process_group`: the memory of one GPU (rank 0), the FLOPs of one process."""
-    from .trainers.stopping import StopRequest
-
-    prepare_steady_update(trainer)
-    transformer = trainer.accelerator.unwrap_model(trainer.model)
-
-    memory = LiveBytes()
-    for parameter in transformer.parameters():
-        memory.track(parameter, "trained weights" if parameter.requires_grad else "frozen weights")
-    for buffer in transformer.buffers():
-        memory.track(buffer, "frozen weights")
+def track_update_tensors(memory: LiveBytes, trainer, transformer: torch.nn.Module, held=None) -> list:
+    """Count in ``memory`` what an update of ``trainer`` starts with (the transformer's weights, the VAE and the reward,
+    the optimizer state), hook the gradients as they arrive and every submodule's part; returns the hooks' handles.
+    ``held(tensor)``: the tensors a parameter holds (a real quantized weight's packed data and scales; default the
+    tensor itself)."""
+    held = held or (lambda tensor: (tensor,))
+    for tensor in [*transformer.parameters(), *transformer.buffers()]:
+        for part in held(tensor):
+            memory.track(part, "trained weights" if tensor.requires_grad else "frozen weights")
     for module in (trainer.pipe.vae, trainer.reward):
         for tensor in [*module.parameters(), *module.buffers()]:
             memory.track(tensor, "vae and reward")
@@ -1085,11 +1078,26 @@ def simulate_update(trainer, step: int = 0, replay_repeated_calls: bool = True) 
     # Every submodule, so that what checkpointing recomputes in a backward pass is its part's (the VAE runs through
     # decode() and encode(), not its forward).
     vae = trainer.pipe.vae
-    parts = [(transformer, "transformer"), (vae, "VAE"), (trainer.reward, "reward")]
-    for model, part in parts:
+    for model, part in [(transformer, "transformer"), (vae, "VAE"), (trainer.reward, "reward")]:
         for module in model.modules():
             if module is not vae:
                 hooks += memory.in_part(module, part)
+    return hooks
+
+
+def simulate_update(trainer, step: int = 0, replay_repeated_calls: bool = True) -> UpdateCost:
+    """Run update ``step`` of ``trainer`` (built inside :func:`simulated_tensors`) and count its memory and FLOPs.
+
+    ``replay_repeated_calls``: simulate each distinct no-grad call of the transformer once and replay its repeats
+    (:class:`RepeatedCallReplay`; the same numbers, in a fraction of the time). A trainer with ``fsdp=True`` built
+    inside :func:`simulated_process_group`: the memory of one GPU (rank 0), the FLOPs of one process."""
+    from .trainers.stopping import StopRequest
+
+    prepare_steady_update(trainer)
+    transformer = trainer.accelerator.unwrap_model(trainer.model)
+
+    memory = LiveBytes()
+    hooks = track_update_tensors(memory, trainer, transformer)
     flop_counter = UpdateFlopCounter()
     sampling: list[int] = []
     training_step = trainer.training_step

@@ -27,6 +27,7 @@ from diffusers_srpo.simulation import (
     simulated_quantization,
     simulated_tensors,
     simulated_trainer,
+    track_update_tensors,
 )
 from diffusers_srpo.testing import FLUX_DEV_TRANSFORMER_CONFIG
 
@@ -253,25 +254,7 @@ def _track_like_simulate_update(memory: LiveBytes, trainer) -> list:
     """Count a real trainer's tensors in ``memory`` as ``simulate_update`` counts a simulated one's (a quantized weight
     by the tensors it holds); returns the hooks' handles (gradients, model parts)."""
     transformer = trainer.accelerator.unwrap_model(trainer.model)
-    for tensor in [*transformer.parameters(), *transformer.buffers()]:
-        for held in _held(tensor):
-            memory.track(held, "trained weights" if tensor.requires_grad else "frozen weights")
-    for tensor in [*trainer.pipe.vae.parameters(), *trainer.pipe.vae.buffers(), *trainer.reward.parameters()]:
-        memory.track(tensor, "vae and reward")
-    for tensor in trainer.reward.buffers():
-        memory.track(tensor, "vae and reward")
-    for state in trainer.optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                memory.track(value, "optimizer state")
-    hooks = [
-        parameter.register_post_accumulate_grad_hook(lambda p: memory.track(p.grad, "gradients"))
-        for parameter in trainer.trainable_parameters
-    ]
-    vae = trainer.pipe.vae
-    for model, part in [(transformer, "transformer"), (vae, "VAE"), (trainer.reward, "reward")]:
-        hooks += [hook for module in model.modules() if module is not vae for hook in memory.in_part(module, part)]
-    return hooks
+    return track_update_tensors(memory, trainer, transformer, held=_held)
 
 
 def _measured_peak(trainer, tensors: LiveBytes | None = None) -> tuple[int, int, int]:
