@@ -80,6 +80,12 @@ class TrainArguments:
     )
 
 
+_QUANTIZE_TO_SAMPLE = (
+    "Load the transformer quantized: nf4 (bitsandbytes 4-bit, needs CUDA), int8 or float8 (torchao weight-only), "
+    "e.g. to sample on the card a --quantize LoRA was trained on."
+)
+
+
 @dataclass
 class SampleArguments:
     model: str = field(
@@ -113,13 +119,7 @@ class SampleArguments:
         default=None, metadata=_help("Token length of the prompt encoding; default the pipeline's own.")
     )
     torch_dtype: str = field(default="bfloat16", metadata=_help(f"Weight dtype: {', '.join(DTYPE_NAMES)}."))
-    quantize: str | None = field(
-        default=None,
-        metadata=_help(
-            "Load the transformer quantized: nf4 (bitsandbytes 4-bit, needs CUDA), int8 or float8 (torchao "
-            "weight-only), e.g. to sample on the card a --quantize LoRA was trained on."
-        ),
-    )
+    quantize: str | None = field(default=None, metadata=_help(_QUANTIZE_TO_SAMPLE))
     device: str | None = field(default=None, metadata=_help("Device; default cuda when available, else cpu."))
 
 
@@ -174,13 +174,7 @@ class EvaluateArguments:
     )
     torch_dtype: str = field(default="bfloat16", metadata=_help(f"Weight dtype: {', '.join(DTYPE_NAMES)}."))
     batch_size: int = field(default=4, metadata=_help("Images per pipeline call and per reward call."))
-    quantize: str | None = field(
-        default=None,
-        metadata=_help(
-            "Load the transformer quantized: nf4 (bitsandbytes 4-bit, needs CUDA), int8 or float8 (torchao "
-            "weight-only), e.g. to sample on the card a --quantize LoRA was trained on."
-        ),
-    )
+    quantize: str | None = field(default=None, metadata=_help(_QUANTIZE_TO_SAMPLE))
     device: str | None = field(default=None, metadata=_help("Device; default cuda when available, else cpu."))
     output_dir: str = field(
         default="evaluation",
@@ -227,6 +221,16 @@ def _torch_dtype(name: str):
     if name not in DTYPE_NAMES:
         raise UsageError(f"--torch_dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
     return getattr(torch, name)
+
+
+def _pipeline_from_pretrained(model: str, dtype, quantize: str | None = None):
+    """``DiffusionPipeline.from_pretrained``, with the transformer quantized as ``quantize`` if given."""
+    from diffusers import DiffusionPipeline
+
+    from .quantization import quantization_config
+
+    quantized = {"quantization_config": quantization_config(quantize, dtype)} if quantize else {}
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **quantized)
 
 
 def _checked_quantize(name: str | None) -> str | None:
@@ -381,10 +385,8 @@ def _dataclass_from(namespace: argparse.Namespace, cls):
 
 # ----------------------------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
-    from diffusers import DiffusionPipeline
 
     from .prompts import load_prompts
-    from .quantization import quantization_config
     from .rewards import load_reward
     from .rewards.registry import check_reward_spec
     from .trainers import NonFiniteUpdatesError, TrainingInterrupted
@@ -418,8 +420,7 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
 
     try:
-        quantized = {"quantization_config": quantization_config(run.quantize, dtype)} if run.quantize else {}
-        pipe = DiffusionPipeline.from_pretrained(run.model, torch_dtype=dtype, **quantized)
+        pipe = _pipeline_from_pretrained(run.model, dtype, run.quantize)
         trainer = trainer_class(pipe, reward=load_reward(run.reward), config=config)
     except (TypeError, ValueError, OSError) as error:
         raise SetupError(str(error)) from None
@@ -531,14 +532,11 @@ def _load_pipeline_with_loras(
     """The stock pipeline of ``model`` on ``device`` (its transformer quantized as ``quantize``, if given) with each
     LoRA loaded as adapter ``lora0``, ``lora1``, ...; its model adapter; the adapter names. A LoRA that matches no
     module or does not fit the model is a ``ValueError``."""
-    from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     from .models import get_model_adapter
-    from .quantization import quantization_config
 
-    quantized = {"quantization_config": quantization_config(quantize, dtype)} if quantize else {}
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **quantized).to(device)
+    pipe = _pipeline_from_pretrained(model, dtype, quantize).to(device)
     adapter = get_model_adapter(pipe, negative_prompt=negative_prompt)
     names = []
     shapes = {name: parameter.shape for name, parameter in pipe.transformer.named_parameters()}
