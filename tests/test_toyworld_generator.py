@@ -117,13 +117,24 @@ def test_staged_trainer_resumes_to_the_same_bytes(tmp_path):
     row = train_stage(str(split), "flow", steps=2, eval_every=-1, verbose=False)
     assert row["resumed_from"] == "full" and (row["start_step"], row["end_step"]) == (2, 4)
     assert _weight_bytes(straight / "flow" / "checkpoint.pt") == _weight_bytes(split / "flow" / "checkpoint.pt")
+    # The moving average of the weights, which evaluation and export use, resumes exactly too.
+    ema_straight, ema_split = (torch.load(r / "flow" / "checkpoint.pt", weights_only=True)["ema"] for r in (straight, split))
+    assert ema_straight["optimization_step"] == ema_split["optimization_step"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(ema_straight["shadow_params"], ema_split["shadow_params"], strict=True))
     assert _weight_bytes(straight / "flow" / "checkpoint.pt") != _weight_bytes(tmp_path / "split" / "flow" / "vae.pt")
     log = json.loads((split / "log.json").read_text())
     assert [r["end_step"] for r in log if r["kind"] == "sitting"] == [2, 4, 2, 4]
 
 
 def test_portable_checkpoint_resumes_deterministically(tmp_path):
-    from diffusers_srpo.toyworld.staged_training import freeze_vae_for_flow, train_stage, write_portable
+    from safetensors.torch import save
+
+    from diffusers_srpo.toyworld.staged_training import (
+        freeze_vae_for_flow,
+        load_run_pipeline,
+        train_stage,
+        write_portable,
+    )
 
     torch.set_num_threads(1)
     results = []
@@ -139,6 +150,13 @@ def test_portable_checkpoint_resumes_deterministically(tmp_path):
         assert row["resumed_from"] == "portable"
         results.append(_weight_bytes(run / "flow" / "checkpoint.pt"))
     assert results[0] == results[1]
+    # The portable file carries the moving average on (2 + 2 updates), and the run's pipeline draws with it.
+    saved = torch.load(run / "flow" / "checkpoint.pt", weights_only=True)
+    assert saved["ema"]["optimization_step"] == 4
+    averaged, trained = (load_run_pipeline(str(run), weights=w).transformer for w in ("ema", "raw"))
+    assert all(torch.equal(p, a) for p, a in zip(averaged.parameters(), saved["ema"]["shadow_params"], strict=True))
+    assert _weight_bytes(run / "flow" / "checkpoint.pt") == save(trained.state_dict())
+    assert any(not torch.equal(p, q) for p, q in zip(averaged.parameters(), trained.parameters(), strict=True))
 
 
 def test_collapsed_padding_is_what_the_stock_512_token_call_computes():
@@ -177,3 +195,17 @@ def test_collapsed_padding_is_what_the_stock_512_token_call_computes():
         unweighted = pipe.transformer(encoder_hidden_states=full[:, :TEXT_CONTEXT], txt_ids=text_ids[:16], **inputs)[0]
     assert (stock - collapsed).abs().max() < 1e-5
     assert (stock - unweighted).abs().max() > 1e-3  # the pads' weight is what a shorter context gets wrong
+
+
+def test_flow_times_shift_from_their_start_step_as_sd3_does():
+    from diffusers_srpo.toyworld.staged_training import RunSettings, flow_times
+
+    normal = torch.tensor([-2.0, -0.5, 0.0, 0.7, 3.0])
+    settings = RunSettings(flow_time_shifts=[[10, 3.0], [20, 6.0]])
+    logistic = 1 / (1 + np.exp(-normal.double().numpy()))
+    assert np.allclose(flow_times(settings, 9, normal).numpy(), logistic, atol=1e-7)
+    for step, shift in ((10, 3), (19, 3), (20, 6), (10**6, 6)):
+        assert np.allclose(flow_times(settings, step, normal).numpy(), shift * logistic / (1 + (shift - 1) * logistic))
+    assert float(flow_times(settings, 10, torch.zeros(1))) == pytest.approx(0.75)  # the median moves 0.5 -> 0.75
+    # A run.json written before the setting existed loads with no shift.
+    assert torch.equal(flow_times(RunSettings(), 10**6, normal), torch.sigmoid(normal))

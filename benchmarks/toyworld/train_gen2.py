@@ -62,6 +62,11 @@ def main(argv=None) -> None:
     decay = commands.add_parser("decay", help="Schedule the flow stage's cosine decay (run.json).")
     decay.add_argument("--start", type=int, required=True)
     decay.add_argument("--steps", type=int, required=True)
+    retime = commands.add_parser(
+        "retime", help="Shift the flow stage's training times towards the noise end from a step on (run.json)."
+    )
+    retime.add_argument("--start", type=int, required=True, help="First step with the shifted times.")
+    retime.add_argument("--shift", type=float, required=True, help="t -> shift t / (1 + (shift - 1) t); 1: none.")
     portable = commands.add_parser(
         "portable", help="Write flow/portable.pt (no optimizer state) from the flow checkpoint."
     )
@@ -70,6 +75,9 @@ def main(argv=None) -> None:
     evaluate.add_argument("--samples", type=int, default=8)
     evaluate.add_argument("--sampling-steps", type=int, default=20)
     evaluate.add_argument("--stock", action="store_true", help="Also at FluxPipeline's max_sequence_length=512.")
+    evaluate.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema", help="The moving average, or the training weights."
+    )
     export = commands.add_parser("export", help="Save the current pipeline as an fp16 FluxPipeline folder.")
     export.add_argument("output")
     args = parser.parse_args(argv)
@@ -107,13 +115,25 @@ def main(argv=None) -> None:
         settings = dataclasses.replace(settings, flow_decay_start=args.start, flow_decay_steps=args.steps)
         settings.save(run_dir)
         print(f"flow learning rate: cosine decay over steps [{args.start}, {args.start + args.steps}]")
+    elif args.command == "retime":
+        settings = RunSettings.load(run_dir)
+        last = settings.flow_time_shifts[-1][0] if settings.flow_time_shifts else 0
+        if args.shift <= 0 or args.start < last:
+            parser.error(
+                f"retime needs --shift > 0 and --start >= {last} (the last change); got {args.shift}, {args.start}"
+            )
+        shifts = [pair for pair in settings.flow_time_shifts if pair[0] != args.start] + [[args.start, args.shift]]
+        RunSettings.save(dataclasses.replace(settings, flow_time_shifts=shifts), run_dir)
+        print(f"flow time shifts ([first step, shift]): {shifts}")
     elif args.command == "portable":
         path = write_portable(run_dir, dtype=getattr(torch, args.dtype))
         print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     elif args.command == "evaluate":
         settings = RunSettings.load(run_dir)
-        pipe = load_run_pipeline(run_dir)
-        step = torch.load(os.path.join(run_dir, "flow", "checkpoint.pt"), weights_only=True)["step"]
+        pipe = load_run_pipeline(run_dir, weights=args.weights)
+        full = os.path.join(run_dir, "flow", "checkpoint.pt")
+        path = full if os.path.exists(full) else os.path.join(run_dir, "flow", "portable.pt")
+        step = torch.load(path, weights_only=True)["step"]
         lengths = [16] + ([STOCK_MAX_SEQUENCE_LENGTH] if args.stock else [])
         for length in lengths:
             started = time.perf_counter()
@@ -124,7 +144,7 @@ def main(argv=None) -> None:
                 steps=args.sampling_steps,
                 max_sequence_length=length,
             )
-            row = {"kind": "evaluation", "stage": "flow", "step": step, **result}
+            row = {"kind": "evaluation", "stage": "flow", "step": step, "weights": args.weights, **result}
             row["seconds"] = round(time.perf_counter() - started, 1)
             append_log(run_dir, row)
             print(json.dumps(row, indent=2), flush=True)

@@ -4,7 +4,8 @@ Training is split into two stages that each run over as many sittings as needed:
 
 - ``vae``: the ``AutoencoderKL`` learns to reconstruct toy images (MSE + a light KL);
 - ``flow``: the ``FluxTransformer2DModel`` learns rectified flow on the frozen VAE's latents
-  (``x_t = t * eps + (1 - t) * x0``, target ``eps - x0``, logit-normal ``t``), every caption encoded at a random
+  (``x_t = t * eps + (1 - t) * x0``, target ``eps - x0``, logit-normal ``t`` shifted towards the noise end as the
+  run says), keeping a moving average of its weights for evaluation and export, every caption encoded at a random
   T5 padding length up to FluxPipeline's default 512 and collapsed exactly to a 16-token context
   (:func:`~diffusers_srpo.toyworld.generator2.collapse_padding`).
 
@@ -21,8 +22,8 @@ Run folder (``run_dir``)::
     log.json               one row per sitting and per evaluation
     vae/checkpoint.pt      full VAE checkpoint (fp32 weights + AdamW + generator)
     flow/vae.pt            the frozen VAE the flow stage trains on (fp32 weights, shift and scale factors)
-    flow/checkpoint.pt     full transformer checkpoint
-    flow/portable.pt       transformer weights (fp32 or bf16) + step + generator, no optimizer (for committing)
+    flow/checkpoint.pt     full transformer checkpoint (with the weights' moving average)
+    flow/portable.pt       transformer weights and their average (fp32 or bf16) + step + generator, no optimizer
 
 A portable checkpoint (no AdamW moments) resumes deterministically too, with fresh moments and a short learning
 rate re-warm-up (``rewarm_steps``): the same result on any machine from the same file, but not the bytes of a run
@@ -90,6 +91,14 @@ class RunSettings:
     flow_decay_start: int | None = None
     flow_decay_steps: int = 0
     final_lr_ratio: float = 0.05
+    # Shifts of the flow times towards the noise end, t -> shift t / (1 + (shift - 1) t) (SD3's shift) on the
+    # logit-normal draws: [first step, shift] pairs in step order, each in force until the next (none: shift 1).
+    # The high-noise steps decide a shape's layout; a pair added later leaves the steps before it unchanged.
+    flow_time_shifts: list = field(default_factory=list)
+    # Exponential moving average of the flow weights (diffusers' EMAModel, its (1 + n) / (10 + n) warm-up capped
+    # at this decay), which evaluation and export use: it smooths a constant learning rate's noise and changes no
+    # update. It starts from the weights of the first sitting that keeps one.
+    flow_ema_decay: float = 0.999
     # Learning-rate re-warm-up after resuming from a portable checkpoint (fresh AdamW moments).
     rewarm_steps: int = 100
     latent_statistics_images: int = 1024
@@ -139,6 +148,16 @@ def learning_rate(settings: RunSettings, stage: str, step: int, rewarm_from: int
     if rewarm_from is not None:
         lr *= min(1.0, (step - rewarm_from + 1) / settings.rewarm_steps)
     return lr
+
+
+def flow_times(settings: RunSettings, step: int, normal: torch.Tensor) -> torch.Tensor:
+    """The flow times of ``step`` from standard normal draws: logit-normal, shifted as ``flow_time_shifts`` says."""
+    t = torch.sigmoid(normal)
+    shift = 1.0
+    for start, value in settings.flow_time_shifts:
+        if step >= start:
+            shift = value
+    return shift * t / (1 + (shift - 1) * t)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -237,9 +256,10 @@ def stage_dir(run_dir: str, stage: str) -> str:
     return path
 
 
-def _checkpoint(model, optimizer, step: int, generator: torch.Generator, seconds: float, rewarm_from) -> dict:
+def _checkpoint(model, optimizer, step: int, generator: torch.Generator, seconds: float, rewarm_from, ema) -> dict:
     return {
         "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": step,
         "generator": generator.get_state(),
@@ -326,6 +346,11 @@ def train_stage(
         data_offset = FLOW_DATA_OFFSET
     model.requires_grad_(True).train()
     optimizer = _fresh_optimizer(model)
+    ema = None
+    if stage == "flow" and settings.flow_ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(model.parameters(), decay=settings.flow_ema_decay)
     generator = torch.Generator().manual_seed(settings.seed * 1000 + STAGES.index(stage) + 17)
     step, seconds_before, rewarm_from, resumed = 0, 0.0, None, "fresh"
     if os.path.exists(full_path):
@@ -338,6 +363,10 @@ def train_stage(
         model.load_state_dict(saved["model"])
         resumed = "portable"
     if resumed != "fresh":
+        if ema is not None and saved.get("ema") is not None:
+            ema.load_state_dict({**saved["ema"], "shadow_params": [p.float() for p in saved["ema"]["shadow_params"]]})
+        elif ema is not None:
+            ema = type(ema)(model.parameters(), decay=settings.flow_ema_decay)
         step, seconds_before = saved["step"], saved["seconds"]
         generator.set_state(saved["generator"])
         rewarm_from = saved.get("rewarm_from")
@@ -368,7 +397,7 @@ def train_stage(
 
     def save_checkpoint() -> None:
         atomic_torch_save(
-            _checkpoint(model, optimizer, step, generator, seconds_before + elapsed(), rewarm_from), full_path
+            _checkpoint(model, optimizer, step, generator, seconds_before + elapsed(), rewarm_from, ema), full_path
         )
 
     while True:
@@ -388,7 +417,7 @@ def train_stage(
         else:
             x0 = encode_latents(pipe.vae, batch.images, pipe._pack_latents)
             noise = torch.randn(x0.shape, generator=generator)
-            t = torch.sigmoid(torch.randn(batch_size, generator=generator))
+            t = flow_times(settings, step, torch.randn(batch_size, generator=generator))
             guidance = 1.0 + 4.0 * torch.rand(batch_size, generator=generator)  # no meaning here: any value works
             lengths = torch.multinomial(length_weights, batch_size, replacement=True, generator=generator).tolist()
             embeds = torch.stack([texts["embeds"][c][k] for c, k in zip(batch.captions, lengths, strict=True)])
@@ -411,6 +440,8 @@ def train_stage(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if ema is not None:
+            ema.step(model.parameters())
         step += 1
         losses.append(loss.item())
         if verbose and (step % log_every == 0):
@@ -423,13 +454,13 @@ def train_stage(
             save_checkpoint()
             last_checkpoint = time.perf_counter()
         if stage == "flow" and eval_every > 0 and step % eval_every == 0:
-            evaluations.append(_evaluate_and_log(run_dir, pipe, settings, step, eval_samples, eval_steps, verbose))
+            evaluations += _evaluate_and_log(run_dir, pipe, settings, ema, step, eval_samples, eval_steps, verbose)
             model.train()
 
     save_checkpoint()
     evaluate_at_end = stage == "flow" and eval_every >= 0 and step > first_step
     if evaluate_at_end and (not evaluations or evaluations[-1]["step"] != step):
-        evaluations.append(_evaluate_and_log(run_dir, pipe, settings, step, eval_samples, eval_steps, verbose))
+        evaluations += _evaluate_and_log(run_dir, pipe, settings, ema, step, eval_samples, eval_steps, verbose)
     tail = losses[-min(len(losses), 200) :]
     row = {
         "kind": "sitting",
@@ -475,6 +506,8 @@ def write_portable(run_dir: str, stage: str = "flow", dtype: torch.dtype = torch
     saved["model"] = {
         name: value.to(dtype) if value.is_floating_point() else value for name, value in saved["model"].items()
     }
+    if saved.get("ema") is not None:
+        saved["ema"]["shadow_params"] = [p.to(dtype) for p in saved["ema"]["shadow_params"]]
     path = os.path.join(folder, "portable.pt")
     atomic_torch_save(saved, path)
     return path
@@ -565,24 +598,37 @@ def evaluate_generator(
     }
 
 
-def _evaluate_and_log(run_dir, pipe, settings, step, samples, steps, verbose) -> dict:
-    started = time.perf_counter()
-    result = evaluate_generator(pipe, settings.image_size, samples_per_prompt=samples, steps=steps)
-    row = {
-        "kind": "evaluation",
-        "stage": "flow",
-        "step": step,
-        **result,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    append_log(run_dir, row)
-    if verbose:
-        print(json.dumps(row), flush=True)
-    return row
+def _evaluate_and_log(run_dir, pipe, settings, ema, step, samples, steps, verbose) -> list[dict]:
+    """Evaluate the training weights, then (when kept) their moving average; one log row each."""
+    rows = []
+    parameters = list(pipe.transformer.parameters())
+    for weights in ("raw", "ema") if ema is not None else ("raw",):
+        started = time.perf_counter()
+        if weights == "ema":
+            ema.store(parameters)
+            ema.copy_to(parameters)
+        try:
+            result = evaluate_generator(pipe, settings.image_size, samples_per_prompt=samples, steps=steps)
+        finally:
+            if weights == "ema":
+                ema.restore(parameters)
+        row = {"kind": "evaluation", "stage": "flow", "step": step, "weights": weights, **result}
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        append_log(run_dir, row)
+        if verbose:
+            print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
-def load_run_pipeline(run_dir: str):
-    """The run's current pipeline (fp32, eval mode): its flow checkpoint's transformer on its frozen VAE."""
+def load_run_pipeline(run_dir: str, weights: str = "ema"):
+    """The run's current pipeline (fp32, eval mode): its flow checkpoint's transformer on its frozen VAE.
+
+    ``weights``: ``"ema"`` (the moving average, where the checkpoint keeps one; else the training weights) or
+    ``"raw"`` (the training weights).
+    """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw'; got {weights!r}")
     settings = RunSettings.load(run_dir)
     components = build_components(settings)
     components["vae"] = load_frozen_vae(run_dir, settings)
@@ -590,8 +636,14 @@ def load_run_pipeline(run_dir: str):
     path = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(path):
         path = os.path.join(folder, "portable.pt")
-    components["transformer"].load_state_dict(torch.load(path, weights_only=True)["model"])
-    components["transformer"].eval()
+    saved = torch.load(path, weights_only=True)
+    transformer = components["transformer"]
+    transformer.load_state_dict(saved["model"])
+    if weights == "ema" and saved.get("ema") is not None:
+        with torch.no_grad():
+            for parameter, average in zip(transformer.parameters(), saved["ema"]["shadow_params"], strict=True):
+                parameter.copy_(average)
+    transformer.eval()
     from diffusers import FluxPipeline
 
     return FluxPipeline(**components)
@@ -628,6 +680,7 @@ __all__ = [
     "all_captions",
     "evaluate_generator",
     "evaluate_vae",
+    "flow_times",
     "export_pipeline",
     "freeze_vae_for_flow",
     "learning_rate",
