@@ -70,10 +70,18 @@ def main(argv=None) -> None:
     portable = commands.add_parser(
         "portable", help="Write flow/portable.pt (no optimizer state) from the flow checkpoint."
     )
-    portable.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="Weights' dtype.")
+    portable.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float16",
+        help="Weights' dtype (float16: what the exported pipeline stores, so an export from it is the same bytes).",
+    )
     evaluate = commands.add_parser("evaluate", help="Evaluate the current flow checkpoint.")
     evaluate.add_argument("--samples", type=int, default=8)
     evaluate.add_argument("--sampling-steps", type=int, default=20)
+    evaluate.add_argument(
+        "--noise-seed", type=int, default=1, help="The evaluation noises (1: the fixed set of the in-training ones)."
+    )
     evaluate.add_argument("--stock", action="store_true", help="Also at FluxPipeline's max_sequence_length=512.")
     evaluate.add_argument(
         "--weights", choices=("ema", "raw"), default="ema", help="The moving average, or the training weights."
@@ -143,8 +151,10 @@ def main(argv=None) -> None:
                 samples_per_prompt=args.samples,
                 steps=args.sampling_steps,
                 max_sequence_length=length,
+                seed=args.noise_seed,
             )
             row = {"kind": "evaluation", "stage": "flow", "step": step, "weights": args.weights, **result}
+            row["noise_seed"] = args.noise_seed
             row["seconds"] = round(time.perf_counter() - started, 1)
             append_log(run_dir, row)
             print(json.dumps(row, indent=2), flush=True)
