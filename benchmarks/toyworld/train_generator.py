@@ -40,16 +40,7 @@ from diffusers_srpo.toyworld.data import (
 )
 from diffusers_srpo.toyworld.generator import GENERATOR_CONFIG, IMAGE_SIZE, MAX_SEQUENCE_LENGTH
 from diffusers_srpo.toyworld.oracles import oracle_labels
-
-
-def all_captions() -> list[str]:
-    """Every caption the dataset can write: 12 contents x (no, one or both style words)."""
-    captions = []
-    for attributes in all_attribute_combinations():
-        for show_lighting in (False, True):
-            for show_texture in (False, True):
-                captions.append(make_caption(attributes, show_lighting, show_texture))
-    return sorted(set(captions))
+from diffusers_srpo.toyworld.staged_training import all_captions, encode_latents
 
 
 def train_vae(vae, dataset, steps: int, batch_size: int, lr: float, log_every: int) -> None:
@@ -79,15 +70,6 @@ def set_latent_statistics(vae, dataset, offset: int) -> None:
     vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())
 
 
-@torch.no_grad()
-def encode_latents(pipe, images: torch.Tensor) -> torch.Tensor:
-    vae = pipe.vae
-    latents = vae.encode(images * 2 - 1).latent_dist.mode()
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    batch, channels, height, width = latents.shape
-    return pipe._pack_latents(latents, batch, channels, height, width)
-
-
 def train_transformer(pipe, dataset, text, steps, batch_size, lr, log_every, offset, cosine=False):
     transformer = pipe.transformer
     transformer.train()
@@ -103,7 +85,7 @@ def train_transformer(pipe, dataset, text, steps, batch_size, lr, log_every, off
     start = time.perf_counter()
     for step in range(steps):
         batch = dataset.batch(range(offset + step * batch_size, offset + (step + 1) * batch_size))
-        x0 = encode_latents(pipe, batch.images)
+        x0 = encode_latents(pipe.vae, batch.images, pipe._pack_latents)
         noise = torch.randn(x0.shape, generator=generator)
         # Logit-normal times, as in SD3 / FLUX training: most weight on the middle of the trajectory.
         t = torch.sigmoid(torch.randn(batch_size, generator=generator))

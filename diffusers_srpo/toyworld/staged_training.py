@@ -346,11 +346,6 @@ def train_stage(
         data_offset = FLOW_DATA_OFFSET
     model.requires_grad_(True).train()
     optimizer = _fresh_optimizer(model)
-    ema = None
-    if stage == "flow" and settings.flow_ema_decay > 0:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(model.parameters(), decay=settings.flow_ema_decay)
     generator = torch.Generator().manual_seed(settings.seed * 1000 + STAGES.index(stage) + 17)
     step, seconds_before, rewarm_from, resumed = 0, 0.0, None, "fresh"
     if os.path.exists(full_path):
@@ -362,11 +357,15 @@ def train_stage(
         saved = torch.load(portable_path, weights_only=True)
         model.load_state_dict(saved["model"])
         resumed = "portable"
-    if resumed != "fresh":
-        if ema is not None and saved.get("ema") is not None:
+    ema = None
+    if stage == "flow" and settings.flow_ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        # From the loaded weights: a checkpoint written before the average was kept starts it there.
+        ema = EMAModel(model.parameters(), decay=settings.flow_ema_decay)
+        if resumed != "fresh" and saved.get("ema") is not None:
             ema.load_state_dict({**saved["ema"], "shadow_params": [p.float() for p in saved["ema"]["shadow_params"]]})
-        elif ema is not None:
-            ema = type(ema)(model.parameters(), decay=settings.flow_ema_decay)
+    if resumed != "fresh":
         step, seconds_before = saved["step"], saved["seconds"]
         generator.set_state(saved["generator"])
         rewarm_from = saved.get("rewarm_from")
