@@ -191,8 +191,9 @@ class EvaluateArguments:
 @dataclass
 class DemoArguments:
     output_dir: str = field(default="srpo-demo", metadata=_help("Folder for the LoRA, the grids, the curves and metrics."))
-    max_train_steps: int = field(default=25, metadata=_help("SRPO updates."))
-    learning_rate: float = field(default=1e-3, metadata=_help("AdamW learning rate of the LoRA."))
+    max_train_steps: int = field(default=10, metadata=_help("SRPO updates."))
+    learning_rate: float = field(default=3e-3, metadata=_help("AdamW learning rate of the LoRA."))
+    train_batch_size: int = field(default=4, metadata=_help("Content prompts per update."))
     positive_word: str = field(default="bright", metadata=_help("SRP's positive control word: a toy-world style."))
     negative_word: str = field(default="dark", metadata=_help("SRP's negative control word: a toy-world style."))
     seed: int = field(default=0, metadata=_help("Seed of the training and of the evaluation noise."))

@@ -261,7 +261,7 @@ def other_models_lora(tmp_path_factory):
         ("unknown_reward", 2, "unknown reward 'imagereward'"),
         ("empty_prompt_file", 2, "prompt file 'empty.txt' holds no prompt"),
         ("busy_output_dir", 2, "output_dir 'busy' already holds files of another run; pass --overwrite_output_dir"),
-        ("another_evaluation", 2, "holds an evaluation with other settings: height (32 there)"),
+        ("another_evaluation", 2, f"holds an evaluation with other settings: height ({IMAGE_SIZE} there)"),
         ("no_prompt_file", 2, "no prompts: pass --prompt_file"),
         ("reward_twice", 2, f"--reward {TOY_REWARD!r} is given twice"),
         ("negative_seed", 2, "--seed must be >= 0, got -1"),
@@ -287,7 +287,7 @@ def test_a_bad_input_is_one_line_before_any_image(case, status, message, evaluat
     elif case == "busy_output_dir":
         output_dir = "busy"
     elif case == "another_evaluation":
-        output_dir, extra, prompt_file = "evaluated", ["--height", 64], evaluated[0] / "prompts.txt"
+        output_dir, extra, prompt_file = "evaluated", ["--height", IMAGE_SIZE // 2], evaluated[0] / "prompts.txt"
     elif case == "reward_twice":
         extra = ["--reward", TOY_REWARD]
     elif case == "negative_seed":

@@ -1,4 +1,5 @@
-"""The shipped toy-world generator: loads offline, draws what it is asked, and SRPO steers its style."""
+"""The shipped toy-world generator: loads offline, draws what it is asked (stock call included), and the demo's
+SRPO steers its style."""
 
 import json
 
@@ -7,9 +8,14 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from diffusers_srpo.testing import tiny_flux_components
 from diffusers_srpo.toyworld import ATTRIBUTE_VALUES, ToyAttributes, make_caption, oracle_labels
-from diffusers_srpo.toyworld.generator import GENERATOR_CONFIG, IMAGE_SIZE, MAX_SEQUENCE_LENGTH, load_pipeline
+from diffusers_srpo.toyworld.generator import (
+    GENERATOR_CONFIG,
+    IMAGE_SIZE,
+    MAX_SEQUENCE_LENGTH,
+    generator_components,
+    load_pipeline,
+)
 
 # Colour x lighting, fully prompted, with the other attributes fixed: 8 prompts.
 PROMPTED = [ToyAttributes(colour, "square", lighting, "smooth") for colour in ATTRIBUTE_VALUES["colour"] for lighting in ("bright", "dark")]
@@ -28,14 +34,12 @@ def generate(pipe, prompts, seed=0):
     ).images
 
 
-def prompted_accuracy(pipe) -> dict[str, float]:
-    prompts = [make_caption(a) for a in PROMPTED] * 2
-    predicted = oracle_labels(generate(pipe, prompts))
-    accuracy = {}
-    for name in ("colour", "lighting"):
-        expected = torch.tensor([ATTRIBUTE_VALUES[name].index(getattr(a, name)) for a in PROMPTED] * 2)
-        accuracy[name] = (predicted[name] == expected).float().mean().item()
-    return accuracy
+def accuracy_of(images, attributes, names=("colour", "lighting")) -> dict[str, float]:
+    predicted = oracle_labels(images)
+    return {
+        name: (predicted[name] == torch.tensor([ATTRIBUTE_VALUES[name].index(getattr(a, name)) for a in attributes])).float().mean().item()
+        for name in names
+    }
 
 
 def test_shipped_generator_loads_offline_and_draws_the_prompted_colour_and_lighting(monkeypatch):
@@ -43,27 +47,60 @@ def test_shipped_generator_loads_offline_and_draws_the_prompted_colour_and_light
     pipe = load_pipeline()
     assert isinstance(pipe, FluxPipeline) and pipe.transformer.config.guidance_embeds
     assert pipe.transformer.dtype == torch.float32
-    accuracy = prompted_accuracy(pipe)
+    prompts = [make_caption(a) for a in PROMPTED] * 2
+    accuracy = accuracy_of(generate(pipe, prompts), PROMPTED * 2)
     assert accuracy["colour"] >= 0.9 and accuracy["lighting"] >= 0.9, accuracy
 
     # The same architecture with untrained weights draws neither: the bar measures the training.
-    untrained = prompted_accuracy(FluxPipeline(**tiny_flux_components(seed=0, config=GENERATOR_CONFIG)))
+    untrained = accuracy_of(generate(FluxPipeline(**generator_components(seed=0, config=GENERATOR_CONFIG)), prompts), PROMPTED * 2)
     assert untrained["colour"] < 0.6 or untrained["lighting"] < 0.6, untrained
 
 
+def test_stock_call_with_flux_pipeline_defaults_draws_the_prompted_scene():
+    """``load_pipeline()(prompt)`` with every other argument FluxPipeline's default (28 steps, guidance 3.5,
+    ``max_sequence_length=512``, the default size) draws 64 px images of what was asked: the generator was trained
+    at every T5 padding length up to 512, and load_pipeline sets the default size."""
+    pipe = load_pipeline()
+    attributes = [ToyAttributes(colour, shape, lighting, "smooth") for colour, shape, lighting in (
+        ("red", "circle", "bright"), ("blue", "square", "dark"), ("green", "triangle", "bright"),
+        ("yellow", "circle", "dark"), ("red", "triangle", "dark"), ("blue", "circle", "bright"),
+    )]  # fmt: skip
+    images = pipe([make_caption(a) for a in attributes], generator=torch.Generator().manual_seed(7)).images
+    assert [image.size for image in images] == [(IMAGE_SIZE, IMAGE_SIZE)] * len(attributes)
+    tensors = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 for image in images])
+    accuracy = accuracy_of(tensors, attributes, ("colour", "lighting", "texture", "shape"))
+    assert accuracy == {"colour": 1.0, "lighting": 1.0, "texture": 1.0, "shape": 1.0}, accuracy
+
+
 @pytest.mark.slow
-def test_srpo_with_bright_over_dark_raises_the_oracle_bright_fraction(tmp_path):
+def test_shipped_generator_meets_the_oracle_targets_on_fresh_noises():
+    """Issue 22's figures, on noises no evaluation during training used (seed 5): prompted colour, lighting and
+    texture >= 0.97 and shape >= 0.90 over 192 images (the 48 captions x 4), and content-only prompts drawing each
+    style 25-75 % of the time (48 images)."""
+    from diffusers_srpo.toyworld.staged_training import evaluate_generator
+
+    result = evaluate_generator(load_pipeline(), IMAGE_SIZE, samples_per_prompt=4, steps=20, seed=5)
+    print(json.dumps(result))
+    accuracy = result["prompted_accuracy"]
+    assert min(accuracy["colour"], accuracy["lighting"], accuracy["texture"]) >= 0.97 and accuracy["shape"] >= 0.90, accuracy
+    assert all(0.25 <= fraction <= 0.75 for fraction in result["unprompted_fraction"].values()), result
+
+
+@pytest.mark.slow
+def test_demo_defaults_move_the_bright_fraction_by_a_quarter_without_damage(tmp_path):
+    """The demo's defaults, 3 training seeds, 96 evaluation images: the unprompted bright fraction rises by >= 0.25
+    while colour and shape accuracy fall by no more than 0.03 (issue 22; a rise is no damage: seed 2's shape
+    accuracy rises by 0.031, three images of the 96)."""
     from diffusers_srpo.toyworld.demo import run_demo
 
-    gains = []
     for seed in (0, 1, 2):
-        metrics = run_demo(str(tmp_path / f"seed{seed}"), seed=seed, evaluate_every=100)
+        metrics = run_demo(str(tmp_path / f"seed{seed}"), seed=seed)
         before, after = metrics["before"], metrics["after"]
-        gains.append(after["oracle_bright_fraction"] - before["oracle_bright_fraction"])
-        # Colour survives the default run (reward hacking sets in later: see run_demo's docstring).
-        assert after["oracle_colour_accuracy"] >= before["oracle_colour_accuracy"] - 0.15, (before, after)
-    print("oracle bright-fraction gains per training seed:", gains)
-    assert min(gains) > 0 and np.mean(gains) > np.max(gains) - np.min(gains)
+        print(f"seed {seed}: before {before}, after {after}")
+        assert len(metrics["evaluation_seeds"]) * len(metrics["prompts"]) >= 96
+        assert after["oracle_bright_fraction"] - before["oracle_bright_fraction"] >= 0.25, (before, after)
+        for name in ("oracle_colour_accuracy", "oracle_shape_accuracy"):
+            assert after[name] >= before[name] - 0.03, (name, before, after)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,10 +200,10 @@ def test_collapsed_padding_is_what_the_stock_512_token_call_computes():
     """A position-free T5 encodes every pad alike, so the transformer on the caption plus one pad token weighted
     by log(count) computes what it computes on FluxPipeline's default 512-token context."""
     from diffusers_srpo.testing import TinyFluxConfig
-    from diffusers_srpo.toyworld.generator2 import gen2_components, joint_attention_bias
+    from diffusers_srpo.toyworld.generator import generator_components, joint_attention_bias
     from diffusers_srpo.toyworld.staged_training import PADDING_LENGTHS, TEXT_CONTEXT, text_cache
 
-    pipe = FluxPipeline(**gen2_components(seed=0, config=TinyFluxConfig()))
+    pipe = FluxPipeline(**generator_components(seed=0, config=TinyFluxConfig()))
     captions = ["dark, grainy. a red circle", "a blue square"]
     with torch.no_grad():
         full, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=512)

@@ -214,7 +214,7 @@ def test_the_kl_is_the_closed_form_of_the_steps_two_gaussians(tmp_path, kl_form)
     with torch.no_grad():
         policy = trainer.transition(
             sampled.state,
-            trainer.velocity(trainer.model, sampled.state, sampled.sigma, text),
+            trainer.model_velocity(trainer.model, sampled.state, sampled.sigma, text),
             sampled.sigma,
             sampled.sigma_next,
         ).mean
@@ -246,7 +246,7 @@ def test_one_sgd_step_raises_log_pi_of_the_better_trajectory_and_lowers_the_wors
         changes = []
         with torch.no_grad():
             for sampled, before in zip(rollout.steps, means_before, strict=True):
-                velocity = trainer.velocity(trainer.model, sampled.state, sampled.sigma, rollout.texts[0])
+                velocity = trainer.model_velocity(trainer.model, sampled.state, sampled.sigma, rollout.texts[0])
                 mean = trainer.transition(sampled.state, velocity, sampled.sigma, sampled.sigma_next).mean
                 changes.append(dpo_log_ratio(sampled.next_state, mean, before, sampled.std, "sum"))
         return torch.stack(changes)  # [steps, 2]
@@ -289,7 +289,7 @@ def test_the_sampler_is_the_flow_sde_and_keeps_the_trained_steps(tmp_path):
         rollout.steps[1].state, rollout.steps[0].next_state
     )
     sampled = rollout.steps[1]
-    velocity = trainer.velocity(trainer.model, sampled.state, sampled.sigma, rollout.texts[0])
+    velocity = trainer.model_velocity(trainer.model, sampled.state, sampled.sigma, rollout.texts[0])
     transition = trainer.transition(sampled.state, velocity, sampled.sigma, sampled.sigma_next)
     assert torch.equal(transition.mean, sampled.sampling_mean) and torch.equal(transition.std, sampled.std)
     z = (sampled.next_state - sampled.sampling_mean) / sampled.std

@@ -92,7 +92,7 @@ def test_one_sgd_step_raises_log_pi_of_the_preferred_state_and_lowers_the_other(
 
     def policy_mean():
         with torch.no_grad():
-            velocity = trainer.velocity(trainer.model, pair.state, pair.sigma, text)
+            velocity = trainer.model_velocity(trainer.model, pair.state, pair.sigma, text)
             return trainer.transition(pair.state, velocity, pair.sigma, pair.sigma_next).mean
 
     mean_before = policy_mean()
@@ -118,13 +118,13 @@ def test_the_reference_is_the_base_model_while_the_lora_trains(tmp_path):
     fresh = tiny_flux_pipeline(seed=0).transformer.eval()
     with torch.no_grad():
         with trainer.reference_policy() as reference:
-            reference_velocity = trainer.velocity(reference, latents, 0.7, text)
-        policy_velocity = trainer.velocity(trainer.model, latents, 0.7, text)
+            reference_velocity = trainer.model_velocity(reference, latents, 0.7, text)
+        policy_velocity = trainer.model_velocity(trainer.model, latents, 0.7, text)
         base_velocity = trainer.adapter.predict_velocity(fresh, latents, 0.7, text, 1.0, SIZE, SIZE)
     torch.testing.assert_close(reference_velocity, base_velocity, rtol=0, atol=1e-6)
     assert (policy_velocity - base_velocity).abs().max() > 1e-4, "the LoRA did not train"
     # And the adapters are back on: the policy is not the base.
-    assert not torch.allclose(trainer.velocity(trainer.model, latents, 0.7, text).detach(), base_velocity)
+    assert not torch.allclose(trainer.model_velocity(trainer.model, latents, 0.7, text).detach(), base_velocity)
 
 
 # ------------------------------------------------------------------------------------------- ranking and ties
@@ -142,7 +142,7 @@ def test_the_preferred_state_has_the_higher_stepwise_reward_and_continues_the_tr
         r_preferred, _ = trainer.stepwise_reward(preferred, pair.sigma_next, text, prompts)
         r_other, _ = trainer.stepwise_reward(other, pair.sigma_next, text, prompts)
         assert (r_preferred >= r_other).all()
-        velocity = trainer.velocity(trainer.model, pair.state, pair.sigma, text)
+        velocity = trainer.model_velocity(trainer.model, pair.state, pair.sigma, text)
         transition = flow_sde_transition(pair.state, velocity, pair.sigma, pair.sigma_next, 0.7, float(trainer.rollout_sigmas[1]))
         if method == "tailorpo":
             # Both states are draws from the same Gaussian around the policy's mean at the shared state.
@@ -239,7 +239,7 @@ def test_guidance_raises_the_stepwise_reward_on_most_draws(tmp_path, gradient, o
     improved, total = 0, 0
     with torch.no_grad():
         for index in range(8):
-            velocity = trainer.velocity(trainer.model, latents, sigmas[index], text)
+            velocity = trainer.model_velocity(trainer.model, latents, sigmas[index], text)
             latents = trainer.transition(latents, velocity, sigmas[index], sigmas[index + 1]).sample(torch.Generator().manual_seed(index))
             unguided, state_velocity = trainer.stepwise_reward(latents, sigmas[index + 1], text, prompts)
             guided_state = trainer.guide(latents, sigmas[index + 1], text, prompts, state_velocity)

@@ -10,7 +10,7 @@ faster than two on a busy 2-core machine.
     python benchmarks/toyworld/train_gen2.py --run-dir $RUN freeze-vae                      # VAE -> flow/vae.pt
     python benchmarks/toyworld/train_gen2.py --run-dir $RUN flow --stage-minutes 100 --eval-every 1000 [--resume]
     python benchmarks/toyworld/train_gen2.py --run-dir $RUN decay --start 30000 --steps 10000  # before the last sittings
-    python benchmarks/toyworld/train_gen2.py --run-dir $RUN portable                        # flow/portable.pt (bf16)
+    python benchmarks/toyworld/train_gen2.py --run-dir $RUN portable                        # flow/portable.pt (fp16)
     python benchmarks/toyworld/train_gen2.py --run-dir $RUN evaluate --samples 8 [--stock]
     python benchmarks/toyworld/train_gen2.py --run-dir $RUN export OUTPUT_DIR                # fp16 FluxPipeline
 
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from diffusers_srpo.toyworld.generator2 import STOCK_MAX_SEQUENCE_LENGTH
+from diffusers_srpo.toyworld.generator import STOCK_MAX_SEQUENCE_LENGTH
 from diffusers_srpo.toyworld.staged_training import (
     RunSettings,
     append_log,

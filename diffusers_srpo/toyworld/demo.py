@@ -110,8 +110,9 @@ def _accuracy(predicted: torch.Tensor, expected: list[str], attribute: str) -> f
 
 def demo_config(
     output_dir: str,
-    max_train_steps: int = 25,
-    learning_rate: float = 1e-3,
+    max_train_steps: int = 10,
+    learning_rate: float = 3e-3,
+    train_batch_size: int = 4,
     seed: int = 0,
     positive_word: str = "bright",
     negative_word: str = "dark",
@@ -129,6 +130,7 @@ def demo_config(
         seed=seed,
         max_train_steps=max_train_steps,
         learning_rate=learning_rate,
+        train_batch_size=train_batch_size,
         positive_words=[positive_word],
         negative_words=[negative_word],
         word_schedule="fixed",
@@ -140,7 +142,7 @@ def demo_config(
 
 def run_demo(
     output_dir: str,
-    evaluation_seeds: int = 4,
+    evaluation_seeds: int = 8,
     evaluate_every: int = 5,
     quantize: str | None = None,
     use_8bit_adam: bool = False,
@@ -148,16 +150,19 @@ def run_demo(
 ) -> dict:
     """Train an SRPO LoRA on the toy world and write the LoRA, grids, curves and metrics to ``output_dir``.
 
-    ``settings`` are those of :func:`demo_config` (``max_train_steps``, ``learning_rate``, ``seed``, the control
-    words, ``overwrite_output_dir``), with its defaults. ``quantize`` (``"nf4"``, ``"int8"`` or ``"float8"``:
-    :data:`diffusers_srpo.quantization.QUANTIZE_CHOICES`) trains the LoRA on a frozen base quantized in memory
-    (computed in the pipeline's dtype), rollouts and evaluations included; ``use_8bit_adam`` steps it with
+    ``settings`` are those of :func:`demo_config` (``max_train_steps``, ``learning_rate``, ``train_batch_size``,
+    ``seed``, the control words, ``overwrite_output_dir``), with its defaults. The evaluation is ``evaluation_seeds``
+    noises for each of the 12 content prompts (96 images by default). ``quantize`` (``"nf4"``, ``"int8"`` or
+    ``"float8"``: :data:`diffusers_srpo.quantization.QUANTIZE_CHOICES`) trains the LoRA on a frozen base quantized
+    in memory (computed in the pipeline's dtype), rollouts and evaluations included; ``use_8bit_adam`` steps it with
     bitsandbytes' 8-bit AdamW. The seeds and the evaluation noises are the same either way, and the metrics record
     both settings (benchmarks/toyworld/quantized_quality.py compares the bases).
 
-    The defaults stop before reward hacking takes over: at 40 updates the unprompted bright fraction reaches about
-    0.8, but some objects fade into an empty bright canvas (which the reward scores as "bright") and the oracle's
-    colour accuracy falls from 0.96 to 0.75 (benchmarks/toyworld/RESULTS.md).
+    The defaults (10 updates of 4 prompts at 3e-3) stop before reward hacking takes over: on 3 training seeds they
+    move the unprompted bright fraction from 0.48 by +0.33 to +0.43 while colour accuracy falls by 0.01 and shape
+    accuracy by none. By 15 updates the fraction is 1.0 on every seed; by 20, on two seeds of three, some objects
+    fade into an empty bright canvas (which the reward scores as "bright") and colour accuracy falls by 0.23-0.28
+    (benchmarks/toyworld/RESULTS.md).
     """
     from ..atomic import staged_outputs
     from ..quantization import check_quantize, quantize_in_memory
@@ -184,16 +189,22 @@ def run_demo(
     before, images_before = measure(trainer, srp, prompts, seeds, positive_word)
 
     def evaluate(trainer, logs):
-        if trainer.global_step % evaluate_every == 0 or trainer.global_step == max_train_steps:
+        # The last update's evaluation is ``after``, measured once below.
+        if trainer.global_step % evaluate_every == 0 and trainer.global_step < max_train_steps:
             logs.update(measure(trainer, srp, prompts, seeds, positive_word)[0])
 
     history = trainer.train(on_update=evaluate)
     after, images_after = measure(trainer, srp, prompts, seeds, positive_word)
+    if history:
+        history[-1].update(after)
 
+    fraction = f"oracle_{positive_word}_fraction"
     metrics = {
         "prompts": prompts,
         "control_words": {"positive": positive_word, "negative": negative_word},
         "max_train_steps": max_train_steps,
+        "learning_rate": config.learning_rate,
+        "train_batch_size": config.train_batch_size,
         "quantize": quantize,
         "use_8bit_adam": use_8bit_adam,
         "evaluation_seeds": seeds,
@@ -203,19 +214,48 @@ def run_demo(
         "seconds": time.perf_counter() - started,
     }
     with staged_outputs(output_dir) as staging:
-        save_before_after(images_before, images_after, os.path.join(staging, "before_after.png"))
+        save_before_after(
+            images_before,
+            images_after,
+            prompts,
+            [
+                f"before\n{before[fraction]:.0%} {positive_word}",
+                f"after {max_train_steps} updates\n{after[fraction]:.0%} {positive_word}",
+            ],
+            f"SRPO, {positive_word!r} over {negative_word!r}: the same noises before and after training "
+            f"(% {positive_word}: the oracle, over all {len(prompts) * len(seeds)} evaluation images)",
+            os.path.join(staging, "before_after.png"),
+        )
         plot_curves(history, before, positive_word, os.path.join(staging, "curves.png"))
         with open(os.path.join(staging, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
     return metrics
 
 
-def save_before_after(before: torch.Tensor, after: torch.Tensor, path: str) -> None:
-    """Top row before training, bottom row after, one column per prompt; upscaled so the tiny images show."""
-    from torchvision.utils import save_image
+def save_before_after(
+    before: torch.Tensor, after: torch.Tensor, prompts: list[str], row_labels: list[str], title: str, path: str
+) -> None:
+    """Two labelled rows of images on the same noises, before and after training, one column per prompt."""
+    import matplotlib
 
-    grid = torch.nn.functional.interpolate(torch.cat([before, after]).float().cpu(), scale_factor=4, mode="nearest")
-    save_image(grid, path, nrow=before.shape[0], padding=4, pad_value=1.0)
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    columns = before.shape[0]
+    figure, axes = plt.subplots(2, columns, figsize=(1.6 * columns + 1.6, 4.0), squeeze=False)
+    for row, (images, label) in enumerate(zip((before, after), row_labels, strict=True)):
+        for column in range(columns):
+            axis = axes[row][column]
+            axis.imshow(images[column].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(prompts[column].removeprefix("a "), fontsize=10)
+        axes[row][0].set_ylabel(label, fontsize=11)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def plot_curves(history: list[dict], before: dict, positive_word: str, path: str) -> None:

@@ -1,4 +1,4 @@
-"""Staged, resumable, bit-reproducible training of the second-generation toy generator (:mod:`.generator2`).
+"""Staged, resumable, bit-reproducible training of the toy world's generator (:mod:`.generator`, its second generation).
 
 Training is split into two stages that each run over as many sittings as needed:
 
@@ -7,7 +7,7 @@ Training is split into two stages that each run over as many sittings as needed:
   (``x_t = t * eps + (1 - t) * x0``, target ``eps - x0``, logit-normal ``t`` shifted towards the noise end as the
   run says), keeping a moving average of its weights for evaluation and export, every caption encoded at a random
   T5 padding length up to FluxPipeline's default 512 and collapsed exactly to a 16-token context
-  (:func:`~diffusers_srpo.toyworld.generator2.collapse_padding`).
+  (:func:`~diffusers_srpo.toyworld.generator.collapse_padding`).
 
 Everything a step uses is a pure function of the run's settings and the step index: the images of step ``s`` are
 dataset items ``[offset + s * B, offset + (s + 1) * B)`` (a pure function of their index), the learning rate is a
@@ -52,12 +52,12 @@ from .data import (
     all_attribute_combinations,
     make_caption,
 )
-from .generator2 import (
-    GEN2_CONFIG,
-    GEN2_IMAGE_SIZE,
-    GEN2_SHORT_SEQUENCE_LENGTH,
+from .generator import (
+    GENERATOR_CONFIG,
+    IMAGE_SIZE,
+    MAX_SEQUENCE_LENGTH,
     STOCK_MAX_SEQUENCE_LENGTH,
-    gen2_components,
+    generator_components,
     joint_attention_bias,
 )
 from .oracles import oracle_labels
@@ -68,7 +68,7 @@ STAGES = ("vae", "flow")
 PADDING_LENGTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PADDING_WEIGHTS = (4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4)
 #: Text context of the collapsed form: the caption's tokens, one pad token standing for all, masked slots.
-TEXT_CONTEXT = GEN2_SHORT_SEQUENCE_LENGTH
+TEXT_CONTEXT = MAX_SEQUENCE_LENGTH
 #: The flow stage reads dataset items from here on (the VAE stage from 0), so the two never share images.
 FLOW_DATA_OFFSET = 100_000_000
 
@@ -78,8 +78,8 @@ class RunSettings:
     """A run's fixed settings, written to ``run.json`` when the run starts."""
 
     seed: int = 0
-    image_size: int = GEN2_IMAGE_SIZE
-    model: dict = field(default_factory=lambda: dataclasses.asdict(GEN2_CONFIG))
+    image_size: int = IMAGE_SIZE
+    model: dict = field(default_factory=lambda: dataclasses.asdict(GENERATOR_CONFIG))
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
     vae_warmup_steps: int = 50
@@ -165,7 +165,7 @@ def flow_times(settings: RunSettings, step: int, normal: torch.Tensor) -> torch.
 
 def build_components(settings: RunSettings) -> dict:
     """The untrained pipeline's components from the run's seed (the text encoders stay as built: frozen)."""
-    components = gen2_components(seed=settings.seed, config=settings.model_config())
+    components = generator_components(seed=settings.seed, config=settings.model_config())
     for name in ("text_encoder", "text_encoder_2", "vae"):
         components[name].requires_grad_(False)
     return components
@@ -536,7 +536,7 @@ def evaluate_generator(
     samples_per_prompt: int = 4,
     steps: int = 20,
     seed: int = 1,
-    max_sequence_length: int = GEN2_SHORT_SEQUENCE_LENGTH,
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
     batch: int = 48,
 ) -> dict:
     """Oracle accuracy of prompted attributes (48 fully prompted captions) and the style mix of content-only prompts.

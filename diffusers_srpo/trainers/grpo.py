@@ -212,7 +212,7 @@ class GRPOTrainer(SDEPolicyTrainer):
         for index in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[index], sigmas[index + 1]
             velocity = torch.cat(
-                [self.velocity(self.model, latents[c], sigma, t) for c, t in zip(chunks, texts, strict=True)]
+                [self.model_velocity(self.model, latents[c], sigma, t) for c, t in zip(chunks, texts, strict=True)]
             )
             transition = self.transition(latents, velocity, sigma, sigma_next)
             z = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in sde_generators]).to(
@@ -224,7 +224,7 @@ class GRPOTrainer(SDEPolicyTrainer):
                 if config.beta > 0:
                     with self.reference_policy() as reference:
                         reference_velocity = torch.cat(
-                            [self.velocity(reference, latents[c], sigma, t) for c, t in zip(chunks, texts, strict=True)]
+                            [self.model_velocity(reference, latents[c], sigma, t) for c, t in zip(chunks, texts, strict=True)]
                         )
                     reference_mean = self.transition(latents, reference_velocity, sigma, sigma_next).mean
                 steps.append(
@@ -279,7 +279,7 @@ class GRPOTrainer(SDEPolicyTrainer):
         config = self.config
         sampled, trajectories = rollout.steps[position], rollout.chunks[chunk]
         state = sampled.state[trajectories]
-        velocity = self.velocity(self.model, state, sampled.sigma, rollout.texts[chunk])
+        velocity = self.model_velocity(self.model, state, sampled.sigma, rollout.texts[chunk])
         policy_mean = self.transition(state, velocity, sampled.sigma, sampled.sigma_next).mean
         std = sampled.std[trajectories]
         # log pi_theta(x_{t-1}) - log pi_old(x_{t-1}), per latent element, without the terms that cancel.

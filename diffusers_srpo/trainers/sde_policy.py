@@ -43,7 +43,7 @@ class SDEPolicyTrainer(BaseTrainer):
         finally:
             transformer.enable_adapters()
 
-    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma, text) -> torch.Tensor:
+    def model_velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma, text) -> torch.Tensor:
         """The sampler's velocity (``rollout_guidance``) of ``model`` at ``latents`` (any dtype), float32."""
         size = self.config.resolution
         with self.accelerator.autocast():

@@ -93,7 +93,7 @@ class TailorPOTrainer(SDEPolicyTrainer):
         (``None`` at sigma 0, where the latents are their own estimate)."""
         if float(sigma) == 0:
             return self.decode_and_score(latents.float(), prompts), None
-        velocity = self.velocity(self.model, latents, sigma, text)
+        velocity = self.model_velocity(self.model, latents, sigma, text)
         return self.decode_and_score(self.scheduler.one_step_x0(velocity, latents.float(), sigma), prompts), velocity
 
     def guide(self, latents, sigma, text, prompts, velocity: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,7 +110,7 @@ class TailorPOTrainer(SDEPolicyTrainer):
                 x0_estimate = x
             elif config.guidance_gradient == "model":
                 # The unwrapped module: a gradient to the input only must not trigger a wrapper's gradient sync.
-                x0_estimate = self.scheduler.one_step_x0(self.velocity(self.accelerator.unwrap_model(self.model), x, sigma, text), x, sigma)
+                x0_estimate = self.scheduler.one_step_x0(self.model_velocity(self.accelerator.unwrap_model(self.model), x, sigma, text), x, sigma)
             elif velocity is None:
                 raise ValueError("guidance_gradient='fixed' needs the velocity at the state being guided")
             else:
@@ -122,7 +122,7 @@ class TailorPOTrainer(SDEPolicyTrainer):
     # ----------------------------------------------------------------------------------- sampling
     def _reference_mean(self, latents, sigma, sigma_next, text) -> torch.Tensor:
         with self.reference_policy() as reference:
-            return self.transition(latents, self.velocity(reference, latents, sigma, text), sigma, sigma_next).mean
+            return self.transition(latents, self.model_velocity(reference, latents, sigma, text), sigma, sigma_next).mean
 
     @torch.no_grad()
     def _sample_stepwise_pairs(self, noise, text, prompts, generator, trained_steps, logs) -> tuple[list[PreferencePair], torch.Tensor]:
@@ -136,7 +136,7 @@ class TailorPOTrainer(SDEPolicyTrainer):
         for index in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[index], sigmas[index + 1]
             if velocity is None:
-                velocity = self.velocity(self.model, latents, sigma, text)
+                velocity = self.model_velocity(self.model, latents, sigma, text)
             if index not in ranked:
                 latents, velocity = latents + (sigma_next - sigma) * velocity, None
                 continue
@@ -185,7 +185,7 @@ class TailorPOTrainer(SDEPolicyTrainer):
         steps = []
         for index in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[index], sigmas[index + 1]
-            velocity = self.velocity(self.model, latents, sigma, doubled_text)
+            velocity = self.model_velocity(self.model, latents, sigma, doubled_text)
             if index not in ranked:
                 latents = latents + (sigma_next - sigma) * velocity
                 continue
@@ -213,7 +213,7 @@ class TailorPOTrainer(SDEPolicyTrainer):
         config = self.config
         trajectory_level = pair.first_preferred is not None
         inputs_text = type(text).cat([text, text]) if trajectory_level else text
-        velocity = self.velocity(self.model, pair.state, pair.sigma, inputs_text)
+        velocity = self.model_velocity(self.model, pair.state, pair.sigma, inputs_text)
         policy_mean = self.transition(pair.state, velocity, pair.sigma, pair.sigma_next).mean
         if trajectory_level:
             # Each trajectory's next state under the Gaussian of its own state.
