@@ -77,6 +77,7 @@ CASES = [
     ("demo", ["--learning_rate=-1"], "learning_rate must be > 0, got -1.0"),
     ("demo", ["--learning_rate", "nan"], "learning_rate must be a finite number, got nan"),
     ("demo", ["--max_train_steps", "0"], "max_train_steps must be a positive integer, got 0"),
+    ("demo", ["--train_batch_size", "0"], "train_batch_size must be a positive integer, got 0"),
     ("demo", ["--positive_word", "bright", "--negative_word", "bright"], "are both 'bright'"),
     ("demo", ["--output_dir", "file.txt"], "output_dir 'file.txt' is an existing file"),
     ("demo", ["--output_dir", "busy"], "output_dir 'busy' already holds files of another run"),

@@ -2,8 +2,9 @@
 
     python benchmarks/toyworld/quantized_quality.py
 
-Runs the demo (``diffusers_srpo.toyworld.demo.run_demo``, its default settings: 25 SRPO updates, "bright" over
-"dark", 48 evaluation images on fixed noises) for training seeds 0, 1, 2 on each variant of the frozen base, every
+Runs the demo (``diffusers_srpo.toyworld.demo.run_demo`` with its default settings: ``demo_config``'s updates,
+learning rate and prompts per update, "bright" over "dark", ``EVALUATION_SEEDS`` fixed noises per content prompt)
+for training seeds 0, 1, 2 on each variant of the frozen base, every
 run in its own process on one torch thread (deterministic on one machine). Variants:
 
 - ``none``: the full-precision (fp32) base, the reference;
@@ -16,7 +17,7 @@ run in its own process on one torch thread (deterministic on one machine). Varia
   FLUX.1-dev's LoRA tensors (3072 x rank and more) are by default.
 
 Also the sanity rows: the untrained oracle numbers of each quantized generator (does quantization alone change
-what the generator draws?), on the demo's 48 images and on 192 (16 noises), with the pixel difference from the
+what the generator draws?), on the demo's images and on 192 (16 noises), with the pixel difference from the
 full-precision generator's images of the same noises and the share of oracle labels they keep.
 
 Writes ``benchmarks/results/quantized_quality.json`` (every run's before / after oracle numbers, its history of
@@ -152,7 +153,13 @@ def run_sanity(output: str) -> None:
     from diffusers_srpo.quantization import quantize_in_memory
     from diffusers_srpo.rewards import SemanticRelativeReward
     from diffusers_srpo.toyworld import load_reward, oracle_labels
-    from diffusers_srpo.toyworld.demo import CONTENT_PROMPTS, EVALUATION_SEED_BASE, demo_config, oracle_numbers
+    from diffusers_srpo.toyworld.demo import (
+        CONTENT_PROMPTS,
+        EVALUATION_SEED_BASE,
+        EVALUATION_SEEDS,
+        demo_config,
+        oracle_numbers,
+    )
     from diffusers_srpo.toyworld.generator import load_pipeline
     from diffusers_srpo.trainers import SRPOTrainer
 
@@ -167,20 +174,26 @@ def run_sanity(output: str) -> None:
         quantize = {"none": None, "nf4-bnb-cpu-kernel": "nf4"}.get(name, name)
         keep_shipped_cpu_kernel(name == "nf4-bnb-cpu-kernel")
         pipe = load_pipeline()
+        linear = [m for m in pipe.transformer.modules() if isinstance(m, torch.nn.Linear)]  # before the LoRA's
+        layer_counts = {"linear_layers": len(linear)}
+        layer_counts["linear_layers_in_features_not_multiple_of_64"] = sum(m.in_features % 64 != 0 for m in linear)
         if quantize is not None:
             quantize_in_memory(pipe.transformer, quantize, compute_dtype=pipe.transformer.dtype)
         if name == "nf4":
             round_trip["generic"] = nf4_round_trip_error()
         with tempfile.TemporaryDirectory() as folder:  # the trainer's sampler, untrained (the LoRA starts at 0)
             trainer = SRPOTrainer(pipe, reward=reward, prompts=prompts, config=demo_config(folder))
-            with torch.no_grad():  # as measure(): seed-major, the first 4 noises are the demo's
+            with torch.no_grad():  # as measure(): seed-major, the first EVALUATION_SEEDS noises are the demo's
                 images = torch.cat([trainer.generate_images(prompts, seed) for seed in seeds])
                 row = {
                     subset: {
                         **oracle_numbers(images[:count], prompts * (count // len(prompts)), "bright"),
                         "evaluation_srp": srp(images[:count], prompts * (count // len(prompts))).mean().item(),
                     }
-                    for subset, count in (("demo_images", 4 * len(prompts)), ("sanity_images", len(images)))
+                    for subset, count in (
+                        ("demo_images", EVALUATION_SEEDS * len(prompts)),
+                        ("sanity_images", len(images)),
+                    )
                 }
         labels = oracle_labels(images)
         if reference is None:
@@ -191,7 +204,7 @@ def run_sanity(output: str) -> None:
             row["oracle_label_agreement"] = {
                 attribute: (labels[attribute] == reference[1][attribute]).float().mean().item() for attribute in labels
             }
-        rows[name] = row
+        rows[name] = {**row, **layer_counts}
         del trainer, pipe
     with open(output, "w") as f:
         json.dump(
@@ -213,21 +226,33 @@ def _signed_mean_std(values: list[float]) -> str:
 
 
 def report(runs: list[dict], sanity: dict | None) -> str:
+    from diffusers_srpo.toyworld.demo import EVALUATION_SEEDS, demo_config
+
+    demo = demo_config("unused")
+    images = 12 * EVALUATION_SEEDS
+    layers = sanity["variants"]["none"] if sanity else None
+    kernel_layers = (
+        f"{layers['linear_layers_in_features_not_multiple_of_64']} of this toy transformer's {layers['linear_layers']} "
+        "Linear layers"
+        if layers and "linear_layers" in layers
+        else "not counted"
+    )
     lines = [
         "# Toy world: SRPO on a quantized frozen base",
         "",
-        f"The demo's default run (25 SRPO updates, lr 1e-3, rank-8 LoRA, 'bright' over 'dark'), training seeds "
-        f"{', '.join(map(str, sorted({r['seed'] for r in runs})))}; oracle numbers of 48 images (12 content-only "
-        "prompts x 4 fixed noises) after training, mean ± sample std over the seeds, and the change from the "
-        "variant's own start (its untrained generator, the same for every seed). Seconds: run_demo's wall time "
-        "(load, 25 updates, 6 evaluations) on one torch thread.",
+        f"The demo's default run ({demo.max_train_steps} SRPO updates of {demo.train_batch_size} prompts, lr "
+        f"{demo.learning_rate:g}, rank-{demo.lora_rank} LoRA, 'bright' over 'dark'), training seeds "
+        f"{', '.join(map(str, sorted({r['seed'] for r in runs})))}; oracle numbers of {images} images (12 content-only "
+        f"prompts x {EVALUATION_SEEDS} fixed noises) after training, mean ± sample std over the seeds, and the change "
+        "from the variant's own start (its untrained generator, the same for every seed). Seconds: run_demo's wall "
+        "time (load, updates, evaluations) on one torch thread.",
         "",
         "Variants: `none` fp32 base; `int8` / `float8` torchao weight-only; `nf4` bitsandbytes NF4 + double quant "
         "(4-bit CPU dequantization by bitsandbytes' generic implementation: see below); `nf4+adam8bit` the same with "
         "bitsandbytes AdamW8bit at its defaults (every toy LoRA tensor is under min_8bit_size = 4096 elements, so "
         "its moments stay fp32); `nf4+adam8bit-all` AdamW8bit with min_8bit_size=0 (8-bit moments); "
         "`nf4-bnb-cpu-kernel` nf4 with bitsandbytes 0.50.2's native CPU dequantize_4bit kernel, which is wrong for "
-        "in_features not a multiple of 64 (47 of the toy transformer's 56 Linear layers: in_features 96 / 480).",
+        f"in_features not a multiple of 64 ({kernel_layers}).",
         "",
         "| variant | " + " | ".join(f"{label} after | Δ" for _, label in METRICS) + " | seconds / run |",
         "|---|" + "---:|---:|" * len(METRICS) + "---:|",
@@ -243,7 +268,7 @@ def report(runs: list[dict], sanity: dict | None) -> str:
         seconds = [r["seconds"] for r in mine]
         spread = statistics.stdev(seconds) if len(seconds) > 1 else 0.0
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {statistics.mean(seconds):.0f} ± {spread:.0f} |")
-    lines += ["", "Start (untrained generator, the demo's 48 images; every seed's 'before'):", ""]
+    lines += ["", f"Start (untrained generator, the demo's {images} images; every seed's 'before'):", ""]
     lines += ["| variant | " + " | ".join(label for _, label in METRICS) + " | same for all seeds |"]
     lines += ["|---|" + "---:|" * len(METRICS) + "---|"]
     for variant in VARIANTS:

@@ -40,6 +40,8 @@ TOY_TRAINER_SETTINGS = MappingProxyType(
 #: The evaluation noises are seeds EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + 1, ...: the same whatever the
 #: training seed.
 EVALUATION_SEED_BASE = 10_000
+#: Evaluation noises per content prompt by default (x 12 prompts: 96 images).
+EVALUATION_SEEDS = 8
 
 
 def style_attribute_of(word: str) -> str:
@@ -142,7 +144,7 @@ def demo_config(
 
 def run_demo(
     output_dir: str,
-    evaluation_seeds: int = 8,
+    evaluation_seeds: int = EVALUATION_SEEDS,
     evaluate_every: int = 5,
     quantize: str | None = None,
     use_8bit_adam: bool = False,
