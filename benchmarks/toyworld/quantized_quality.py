@@ -226,10 +226,10 @@ def _signed_mean_std(values: list[float]) -> str:
 
 
 def report(runs: list[dict], sanity: dict | None) -> str:
-    from diffusers_srpo.toyworld.demo import EVALUATION_SEEDS, demo_config
+    from diffusers_srpo.toyworld.demo import CONTENT_PROMPTS, EVALUATION_SEEDS, demo_config
 
     demo = demo_config("unused")
-    images = 12 * EVALUATION_SEEDS
+    images = len(CONTENT_PROMPTS) * EVALUATION_SEEDS
     layers = sanity["variants"]["none"] if sanity else None
     kernel_layers = (
         f"{layers['linear_layers_in_features_not_multiple_of_64']} of this toy transformer's {layers['linear_layers']} "
@@ -242,10 +242,10 @@ def report(runs: list[dict], sanity: dict | None) -> str:
         "",
         f"The demo's default run ({demo.max_train_steps} SRPO updates of {demo.train_batch_size} prompts, lr "
         f"{demo.learning_rate:g}, rank-{demo.lora_rank} LoRA, 'bright' over 'dark'), training seeds "
-        f"{', '.join(map(str, sorted({r['seed'] for r in runs})))}; oracle numbers of {images} images (12 content-only "
-        f"prompts x {EVALUATION_SEEDS} fixed noises) after training, mean ± sample std over the seeds, and the change "
-        "from the variant's own start (its untrained generator, the same for every seed). Seconds: run_demo's wall "
-        "time (load, updates, evaluations) on one torch thread.",
+        f"{', '.join(map(str, sorted({r['seed'] for r in runs})))}; oracle numbers of {images} images "
+        f"({len(CONTENT_PROMPTS)} content-only prompts x {EVALUATION_SEEDS} fixed noises) after training, mean ± "
+        "sample std over the seeds, and the change from the variant's own start (its untrained generator, the same "
+        "for every seed). Seconds: run_demo's wall time (load, updates, evaluations) on one torch thread.",
         "",
         "Variants: `none` fp32 base; `int8` / `float8` torchao weight-only; `nf4` bitsandbytes NF4 + double quant "
         "(4-bit CPU dequantization by bitsandbytes' generic implementation: see below); `nf4+adam8bit` the same with "

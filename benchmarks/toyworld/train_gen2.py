@@ -28,12 +28,13 @@ import time
 
 import torch
 
-from diffusers_srpo.toyworld.generator import STOCK_MAX_SEQUENCE_LENGTH
+from diffusers_srpo.toyworld.generator import MAX_SEQUENCE_LENGTH, STOCK_MAX_SEQUENCE_LENGTH
 from diffusers_srpo.toyworld.staged_training import (
     RunSettings,
     append_log,
     evaluate_generator,
     export_pipeline,
+    flow_checkpoint_path,
     freeze_vae_for_flow,
     load_run_pipeline,
     start_run,
@@ -139,10 +140,8 @@ def main(argv=None) -> None:
     elif args.command == "evaluate":
         settings = RunSettings.load(run_dir)
         pipe = load_run_pipeline(run_dir, weights=args.weights)
-        full = os.path.join(run_dir, "flow", "checkpoint.pt")
-        path = full if os.path.exists(full) else os.path.join(run_dir, "flow", "portable.pt")
-        step = torch.load(path, weights_only=True)["step"]
-        lengths = [16] + ([STOCK_MAX_SEQUENCE_LENGTH] if args.stock else [])
+        step = torch.load(flow_checkpoint_path(run_dir), weights_only=True)["step"]
+        lengths = [MAX_SEQUENCE_LENGTH] + ([STOCK_MAX_SEQUENCE_LENGTH] if args.stock else [])
         for length in lengths:
             started = time.perf_counter()
             result = evaluate_generator(

@@ -620,6 +620,12 @@ def _evaluate_and_log(run_dir, pipe, settings, ema, step, samples, steps, verbos
     return rows
 
 
+def flow_checkpoint_path(run_dir: str) -> str:
+    """The flow stage's full checkpoint where the run has one, else its portable checkpoint."""
+    path = os.path.join(run_dir, "flow", "checkpoint.pt")
+    return path if os.path.exists(path) else os.path.join(run_dir, "flow", "portable.pt")
+
+
 def load_run_pipeline(run_dir: str, weights: str = "ema"):
     """The run's current pipeline (fp32, eval mode): its flow checkpoint's transformer on its frozen VAE.
 
@@ -631,11 +637,7 @@ def load_run_pipeline(run_dir: str, weights: str = "ema"):
     settings = RunSettings.load(run_dir)
     components = build_components(settings)
     components["vae"] = load_frozen_vae(run_dir, settings)
-    folder = os.path.join(run_dir, "flow")
-    path = os.path.join(folder, "checkpoint.pt")
-    if not os.path.exists(path):
-        path = os.path.join(folder, "portable.pt")
-    saved = torch.load(path, weights_only=True)
+    saved = torch.load(flow_checkpoint_path(run_dir), weights_only=True)
     transformer = components["transformer"]
     transformer.load_state_dict(saved["model"])
     if weights == "ema" and saved.get("ema") is not None:
@@ -679,6 +681,7 @@ __all__ = [
     "all_captions",
     "evaluate_generator",
     "evaluate_vae",
+    "flow_checkpoint_path",
     "flow_times",
     "export_pipeline",
     "freeze_vae_for_flow",
